@@ -1,0 +1,64 @@
+"""Options shared by the commands: where the store is and which model to use."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import click
+
+DEFAULT_STORE = "./edje-data"
+DEFAULT_COLLECTION = "images"
+
+
+def store_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--store/--url/--api-key/--collection (env vars shown in --help)."""
+    options = [
+        click.option("--store", envvar="EDJE_STORE", show_envvar=True, default=DEFAULT_STORE, show_default=True,
+                     type=click.Path(file_okay=False), help="Embedded Qdrant Edge store folder."),
+        click.option("--url", envvar="QDRANT_URL", show_envvar=True, default=None,
+                     help="Qdrant server URL (uses the server instead of the embedded store)."),
+        click.option("--api-key", envvar="QDRANT_API_KEY", show_envvar=True, default=None,
+                     help="Qdrant server API key (never printed)."),
+        click.option("--collection", envvar="EDJE_COLLECTION", show_envvar=True, default=DEFAULT_COLLECTION,
+                     show_default=True, help="Collection name."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_options(default_model: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--model/--device; ``default_model`` None means: the model recorded in the collection."""
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        help_model = "Preset name or local model directory." + (
+            "" if default_model else " Default: the model the collection was built with."
+        )
+        func = click.option("--device", envvar="EDJE_DEVICE", show_envvar=True, default=None,
+                            help="torch device (default: cuda if available, else cpu).")(func)
+        func = click.option("--model", envvar="EDJE_MODEL", show_envvar=True, default=default_model,
+                            show_default=bool(default_model), help=help_model)(func)
+        return func
+
+    return wrap
+
+
+def open_store_from(store: str, url: str | None, api_key: str | None) -> Any:
+    from edje_qdrant.store import open_store
+
+    return open_store(path=None if url else store, url=url, api_key=api_key)
+
+
+def library_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn EdjeError into a one-line `Error: ...` and exit code 1 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from edje_qdrant.errors import EdjeError
+
+        try:
+            return func(*args, **kwargs)
+        except EdjeError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper

@@ -1,0 +1,83 @@
+"""The model contract: towers, reranker and the bundle the rest of the package uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@runtime_checkable
+class VisionTower(Protocol):
+    """Images -> (global embedding for ANN, patch tokens for the adapter)."""
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 array [3, H, W] ready for ``encode`` (resizing, normalisation)."""
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, H, W] -> (global [B, clip_dim] L2-normalised, patch tokens [B, n, vision_width])."""
+
+
+@runtime_checkable
+class TextTower(Protocol):
+    """Query text -> embedding in the same space as the global image embedding."""
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """list of strings -> [B, clip_dim] L2-normalised."""
+
+
+@dataclass
+class EdjeModel:
+    """Towers + reranker built by ``load_model``; the only model object ingest/retriever see.
+
+    ``reranker`` is an ``edje_qdrant.models.reranker.EdjeReranker`` (adapter + joint encoder + head).
+    ``fingerprint`` identifies preset + weights; collections record it and refuse other models.
+    """
+
+    name: str
+    vision: VisionTower
+    text: TextTower
+    reranker: "torch.nn.Module"
+    clip_dim: int
+    fingerprint: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    image_batch_size: int = 32
+    precision: str = "fp32"  # "fp32" | "bf16": autocast used for the joint encoder / towers
+
+    def _autocast(self):
+        enabled = self.precision == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.reranker.num_tokens)
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.reranker.hidden_size)
+
+    def embed_images(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed pixels [B,3,H,W] -> (global float32 [B, clip_dim], compressed tokens float32 [B, m, d])."""
+        x = torch.as_tensor(pixels).to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            global_vec, patches = self.vision.encode(x)
+            tokens = self.reranker.compress(patches)
+        return global_vec.float().cpu().numpy(), tokens.float().cpu().numpy()
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Query text -> float32 [clip_dim] (L2-normalised)."""
+        with torch.inference_mode(), self._autocast():
+            vec = self.text.encode([text])[0]
+        return vec.float().cpu().numpy()
+
+    def rerank(self, query: str | list[str], tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Joint-encoder logits float32 [N] for a query (broadcast) or N captions against N token sets [N, m, d]."""
+        t = torch.as_tensor(tokens)
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        t = t.to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            logits = self.reranker.score(query, t)
+        return logits.float().cpu().numpy()

@@ -1,0 +1,170 @@
+"""Retriever: ANN on the `clip` vector, then EDJE re-ranking of the candidates' stored tokens."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .codec import TOKENS_KEY, decode_batch
+from .errors import InputError, ModelMismatchError, StoreError
+from .models import load_model
+from .models.base import EdjeModel
+from .store import Store, open_store
+from .store.base import CollectionSpec
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 10_000
+MAX_RERANK_K = 10_000
+MAX_K = 10_000
+RESULT_PAYLOAD_KEYS = ["page_content", "metadata"]
+
+
+@dataclass
+class SearchResult:
+    """One hit, best first. ``score`` is what the list is sorted by (rerank logit, or first-stage score)."""
+
+    id: str
+    path: str | None
+    score: float
+    first_stage_score: float
+    rerank_score: float | None
+    page_content: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_search_args(query: Any, k: Any, rerank_k: Any) -> str:
+    """Validate search arguments; returns the query. Raises InputError with the fix."""
+    if not isinstance(query, str):
+        raise InputError(f"query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise InputError("query is empty; pass some text to search for")
+    if len(query) > MAX_QUERY_CHARS:
+        raise InputError(f"query has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+    for name, value, cap in (("k", k, MAX_K), ("rerank_k", rerank_k, MAX_RERANK_K)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise InputError(f"{name} must be an integer, got {value!r}")
+        if value > cap:
+            raise InputError(f"{name}={value} is above the limit of {cap}")
+    if k <= 0:
+        raise InputError(f"k must be at least 1, got {k}")
+    if rerank_k < 0:
+        raise InputError(f"rerank_k must be 0 (no re-ranking) or positive, got {rerank_k}")
+    if rerank_k and k > rerank_k:
+        raise InputError(f"k={k} is larger than rerank_k={rerank_k}; raise rerank_k to at least k, or set rerank_k=0")
+    return query
+
+
+class Retriever:
+    """Text-to-image search over a collection built by ``ingest``.
+
+    ``store`` is a Store, a ``qdrant_client.QdrantClient``, or a path to an embedded store. ``model`` is an
+    EdjeModel or a preset name/path; by default the model recorded in the collection is loaded.
+    """
+
+    def __init__(
+        self,
+        store: Store | Any,
+        collection: str = "images",
+        model: EdjeModel | str | None = None,
+        *,
+        device: str | None = None,
+    ) -> None:
+        self.store = _as_store(store)
+        self.collection = collection
+        spec = self.store.get_spec(collection)
+        if spec is None:
+            raise StoreError(f"collection '{collection}' does not exist; run `edje-qdrant ingest DIR` first")
+        if model is None:
+            model = spec.model
+        self.model = load_model(model, device=device) if isinstance(model, str) else model
+        self._check_model(spec)
+        self.store.open_collection(collection, spec, create=False)
+        self.spec = spec
+        self._model_lock = threading.Lock()
+
+    def _check_model(self, spec: CollectionSpec) -> None:
+        if spec.fingerprint != self.model.fingerprint:
+            raise ModelMismatchError(
+                f"collection '{self.collection}' was built with model {spec.model} ({spec.fingerprint}), "
+                f"not {self.model.name} ({self.model.fingerprint}); search it with --model {spec.model}"
+            )
+
+    def search(self, query: str, k: int = 10, rerank_k: int = 100, filter: Any = None) -> list[SearchResult]:
+        """Top ``k`` images for ``query``: ANN over ``rerank_k`` candidates, re-ranked by the joint encoder."""
+        check_search_args(query, k, rerank_k)
+        with self._model_lock:
+            vector = self.model.embed_query(query)
+        limit = rerank_k if rerank_k else k
+        keys = [TOKENS_KEY, *RESULT_PAYLOAD_KEYS] if rerank_k else list(RESULT_PAYLOAD_KEYS)
+        hits = self.store.query(self.collection, vector.tolist(), limit, keys, filter=filter)
+        results = [
+            SearchResult(
+                id=str(h.id),
+                path=(h.payload.get("metadata") or {}).get("source"),
+                score=float(h.score),
+                first_stage_score=float(h.score),
+                rerank_score=None,
+                page_content=str(h.payload.get("page_content", "")),
+                metadata=dict(h.payload.get("metadata") or {}),
+            )
+            for h in hits
+        ]
+        if rerank_k and results:
+            self._rerank(query, results, [h.payload.get(TOKENS_KEY) for h in hits])
+        return results[:k]
+
+    def _rerank(self, query: str, results: list[SearchResult], blobs: list[Any]) -> None:
+        shape = (self.model.num_tokens, self.model.token_dim)
+        tokens, bad = decode_batch(blobs, [r.id for r in results], shape)
+        good = [i for i in range(len(results)) if i not in bad]
+        if good:
+            with self._model_lock:
+                logits = self.model.rerank(query, tokens[good] if bad else tokens)
+            for i, logit in zip(good, logits.tolist()):
+                if np.isfinite(logit):
+                    results[i].rerank_score = float(logit)
+                    results[i].score = float(logit)
+                else:
+                    bad[i] = None  # type: ignore[assignment]
+        for i, err in bad.items():
+            reason = err.reason if err is not None else "non-finite rerank score"
+            results[i].flags.append(f"rerank_failed: {reason}")
+            log.warning("point %s kept its first-stage score: %s", results[i].id, reason)
+        _order_in_place(results)
+
+
+def _as_store(store: Any) -> Store:
+    if isinstance(store, (str, os.PathLike)):
+        return open_store(path=os.fspath(store))
+    from qdrant_client import QdrantClient
+
+    if isinstance(store, QdrantClient):
+        from .store.server import ClientStore
+
+        return ClientStore(store)
+    if hasattr(store, "query") and hasattr(store, "open_collection"):
+        return store
+    raise InputError(f"store must be a path, a QdrantClient or a Store, got {type(store).__name__}")
+
+
+def _order_in_place(results: list[SearchResult]) -> None:
+    """Re-ranked hits sorted by score (ties: first-stage order); failed ones keep their first-stage slot."""
+    failed = {i for i, r in enumerate(results) if r.rerank_score is None}
+    ranked = sorted(
+        (i for i in range(len(results)) if i not in failed),
+        key=lambda i: (-results[i].score, i),
+    )
+    order: list[int] = []
+    it = iter(ranked)
+    for slot in range(len(results)):
+        order.append(slot if slot in failed else next(it))
+    results[:] = [results[i] for i in order]

@@ -1,0 +1,67 @@
+"""The small store protocol; Qdrant Edge (embedded) and qdrant-client (server) implement it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """Collection-level record: what model and codec the stored vectors/tokens come from."""
+
+    dim: int  # size of the `clip` vector
+    model: str  # preset name or path
+    fingerprint: str  # preset + weights hash
+    codec: str  # e.g. "edje-tokens/v1/fp16/64x384"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dim": self.dim, "model": self.model, "fingerprint": self.fingerprint, "codec": self.codec}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CollectionSpec":
+        return cls(dim=int(d["dim"]), model=str(d["model"]), fingerprint=str(d["fingerprint"]), codec=str(d["codec"]))
+
+
+@dataclass
+class PointRecord:
+    id: str  # UUID string
+    vector: Sequence[float]  # the `clip` vector
+    payload: dict[str, Any]
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """What ingest and the Retriever need from a vector store. Vector name is always ``clip``."""
+
+    def open_collection(self, name: str, spec: CollectionSpec, create: bool = True) -> None:
+        """Create the collection (if allowed) or verify it was built with ``spec``; else ModelMismatchError."""
+
+    def get_spec(self, name: str) -> CollectionSpec | None:
+        """The recorded spec, or None when the collection does not exist."""
+
+    def existing_ids(self, name: str, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` are stored."""
+
+    def upsert(self, name: str, points: list[PointRecord]) -> None:
+        """Write points (idempotent by id); durable once it returns (flushes on Edge)."""
+
+    def query(
+        self, name: str, vector: Sequence[float], limit: int, payload_keys: list[str] | None, filter: Any = None
+    ) -> list[Hit]:
+        """ANN on ``clip``; payload restricted to ``payload_keys`` (None = all), best first."""
+
+    def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None) -> list[Hit]:
+        """Points by id (score 0), only those that exist."""
+
+    def count(self, name: str) -> int: ...
+
+    def disk_usage(self, name: str) -> int | None:
+        """Bytes on disk for the collection, or None when unknown (server)."""
+
+    def close(self) -> None: ...
