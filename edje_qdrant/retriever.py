@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -98,14 +99,29 @@ class Retriever:
                 f"not {self.model.name} ({self.model.fingerprint}); search it with --model {spec.model}"
             )
 
-    def search(self, query: str, k: int = 10, rerank_k: int = 100, filter: Any = None) -> list[SearchResult]:
-        """Top ``k`` images for ``query``: ANN over ``rerank_k`` candidates, re-ranked by the joint encoder."""
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        rerank_k: int = 100,
+        filter: Any = None,
+        *,
+        timings: dict[str, float] | None = None,
+    ) -> list[SearchResult]:
+        """Top ``k`` images for ``query``: ANN over ``rerank_k`` candidates, re-ranked by the joint encoder.
+
+        ``filter``: a qdrant_client ``models.Filter`` or the small dict form (see ``store.filters``).
+        ``timings``: if given, filled with seconds per stage (embed_query, ann_fetch, decode, rerank, total).
+        """
         check_search_args(query, k, rerank_k)
+        clock = _Clock(timings)
         with self._model_lock:
             vector = self.model.embed_query(query)
+        clock.lap("embed_query")
         limit = rerank_k if rerank_k else k
         keys = [TOKENS_KEY, *RESULT_PAYLOAD_KEYS] if rerank_k else list(RESULT_PAYLOAD_KEYS)
         hits = self.store.query(self.collection, vector.tolist(), limit, keys, filter=filter)
+        clock.lap("ann_fetch")
         results = [
             SearchResult(
                 id=str(h.id),
@@ -119,13 +135,16 @@ class Retriever:
             for h in hits
         ]
         if rerank_k and results:
-            self._rerank(query, results, [h.payload.get(TOKENS_KEY) for h in hits])
+            self._rerank(query, results, [h.payload.get(TOKENS_KEY) for h in hits], clock)
+        clock.total()
         return results[:k]
 
-    def _rerank(self, query: str, results: list[SearchResult], blobs: list[Any]) -> None:
+    def _rerank(self, query: str, results: list[SearchResult], blobs: list[Any], clock: "_Clock") -> None:
         shape = (self.model.num_tokens, self.model.token_dim)
         tokens, bad = decode_batch(blobs, [r.id for r in results], shape)
         good = [i for i in range(len(results)) if i not in bad]
+        clock.lap("decode")
+        failures: dict[int, str] = {i: err.reason for i, err in bad.items()}
         if good:
             with self._model_lock:
                 logits = self.model.rerank(query, tokens[good] if bad else tokens)
@@ -134,12 +153,30 @@ class Retriever:
                     results[i].rerank_score = float(logit)
                     results[i].score = float(logit)
                 else:
-                    bad[i] = None  # type: ignore[assignment]
-        for i, err in bad.items():
-            reason = err.reason if err is not None else "non-finite rerank score"
+                    failures[i] = "non-finite rerank score (corrupt token values)"
+        clock.lap("rerank")
+        for i, reason in failures.items():
             results[i].flags.append(f"rerank_failed: {reason}")
             log.warning("point %s kept its first-stage score: %s", results[i].id, reason)
         _order_in_place(results)
+
+
+class _Clock:
+    """Per-stage wall-clock laps into an optional dict."""
+
+    def __init__(self, sink: dict[str, float] | None) -> None:
+        self.sink = sink
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.sink is not None:
+            now = time.perf_counter()
+            self.sink[stage] = now - self.last
+            self.last = now
+
+    def total(self) -> None:
+        if self.sink is not None:
+            self.sink["total"] = time.perf_counter() - self.start
 
 
 def _as_store(store: Any) -> Store:

@@ -73,11 +73,12 @@ class EdjeModel:
         return vec.float().cpu().numpy()
 
     def rerank(self, query: str | list[str], tokens: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Joint-encoder logits float32 [N] for a query (broadcast) or N captions against N token sets [N, m, d]."""
+        """Joint-encoder logits float32 [N] for a query (broadcast) or N captions against N token sets [N, m, d]
+        (float16 or float32)."""
         t = torch.as_tensor(tokens)
         if self.device.type == "cuda":
             t = t.pin_memory()
-        t = t.to(self.device, non_blocking=True)
+        t = t.to(self.device, non_blocking=True).float()  # blobs arrive as float16; upcast on the device
         with torch.inference_mode(), self._autocast():
             logits = self.reranker.score(query, t)
         return logits.float().cpu().numpy()

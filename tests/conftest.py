@@ -1,0 +1,46 @@
+"""Shared fixtures: paths to ../shared, the tiny-random model, a generated demo folder."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EDJE_SHARED_DIR", REPO.parent / "shared"))
+FLICKR = SHARED / "data" / "flickr8k"
+
+
+def load_example(name: str):
+    """Import a script from examples/ as a module (examples are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from edje_qdrant.models import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory) -> Path:
+    """12 generated PNG/JPEG images in two sub-folders, with sidecar captions."""
+    import random
+
+    demo = load_example("make_demo_images")
+    out = tmp_path_factory.mktemp("demo")
+    rng = random.Random(1)
+    for i, (shape, colour) in enumerate(
+        [(s, c) for s in demo.SHAPES[:2] for c in demo.COLOURS][:12]
+    ):
+        folder = out / shape
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{colour}-{i}.{'jpg' if i % 2 else 'png'}"
+        demo.draw(shape, demo.COLOURS[colour], demo.BACKGROUNDS["white"], rng).resize((64, 64)).save(path)
+        (folder / f"{path.name}.txt").write_text(f"a {colour} {shape}")
+    return out

@@ -1,0 +1,102 @@
+"""The CLI end to end on an embedded store: ingest, search, info, re-ingest, reopen in a new process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edje_qdrant.cli.main import main
+from edje_qdrant.codec import TOKENS_KEY, blob_data_bytes
+
+
+def _cli(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, demo_folder):
+    store = tmp_path_factory.mktemp("cli") / "store"
+    res = _cli("ingest", str(demo_folder), "--store", str(store), "--model", "tiny-random", "--json")
+    assert res.exit_code == 0, res.output
+    return store, json.loads(res.output.strip().splitlines()[-1])
+
+
+def test_ingest_json_summary(ingested):
+    _, summary = ingested
+    assert summary["ingested"] == 12 and summary["skipped_existing"] == 0 and summary["failed"] == 0
+
+
+def test_second_ingest_adds_nothing(ingested, demo_folder):
+    store, _ = ingested
+    res = _cli("ingest", str(demo_folder), "--store", str(store), "--model", "tiny-random")
+    assert res.exit_code == 0, res.output
+    assert "ingested 0, skipped-existing 12, failed 0" in res.output
+
+
+def test_search_json_has_both_scores(ingested):
+    store, _ = ingested
+    res = _cli("search", "a dog", "--store", str(store), "--json", "-k", "4", "--rerank-k", "8")
+    assert res.exit_code == 0, res.output
+    hits = json.loads(res.output)
+    assert len(hits) == 4
+    for h in hits:
+        assert {"id", "path", "score", "first_stage_score", "rerank_score"} <= h.keys()
+        assert isinstance(h["rerank_score"], float) and isinstance(h["first_stage_score"], float)
+
+
+def test_search_plain_lines_are_score_and_path(ingested):
+    store, _ = ingested
+    res = _cli("search", "a dog", "--store", str(store), "-k", "3", "--rerank-k", "0")
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        score, path = line.split("  ", 1)
+        float(score)
+        assert os.path.exists(path)
+
+
+def test_info_json_and_blob_size(ingested):
+    store, _ = ingested
+    info = json.loads(_cli("info", "--store", str(store), "--json").output)
+    assert info["collection"] == "images" and info["points"] == 12
+    assert info["model"] == "tiny-random" and info["codec"] == "edje-tokens/v1/fp16/64x384"
+    assert info["disk_bytes"] > 12 * 49_152
+    from edje_qdrant.store import open_store
+
+    s = open_store(path=str(store))
+    try:
+        hit = s.query("images", [1.0] + [0.0] * (info["dim"] - 1), 1, [TOKENS_KEY])[0]
+    finally:
+        s.close()
+    assert blob_data_bytes(hit.payload[TOKENS_KEY]) == 49_152
+
+
+def test_reopen_in_a_new_process_and_search(ingested):
+    store, _ = ingested
+    out = subprocess.run(
+        [sys.executable, "-m", "edje_qdrant.cli.main", "search", "a red circle", "--store", str(store), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)) == 10
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    res = CliRunner().invoke(main, ["search", "x", "--store", str(tmp_path / "empty")])
+    assert res.exit_code == 1
+    assert "does not exist" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["ingest", str(tmp_path / "missing"), "--store", str(tmp_path / "s"),
+                                    "--model", "tiny-random"])
+    assert res.exit_code == 1 and "missing" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["search", "x", "-k", "20", "--rerank-k", "10", "--store", str(tmp_path)])
+    assert res.exit_code == 1 and "rerank_k" in res.output
+
+
+def test_help_shows_env_vars():
+    out = _cli("search", "--help").output
+    for var in ("EDJE_STORE", "QDRANT_URL", "QDRANT_API_KEY", "EDJE_COLLECTION", "EDJE_MODEL", "EDJE_DEVICE"):
+        assert var in out
