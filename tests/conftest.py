@@ -29,14 +29,14 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory) -> Path:
-    """12 generated PNG/JPEG images in two sub-folders, with sidecar captions."""
+    """12 generated PNG/JPEG images in three sub-folders, with sidecar captions."""
     import random
 
     demo = load_example("make_demo_images")
     out = tmp_path_factory.mktemp("demo")
     rng = random.Random(1)
     for i, (shape, colour) in enumerate(
-        [(s, c) for s in demo.SHAPES[:2] for c in demo.COLOURS][:12]
+        [(s, c) for s in demo.SHAPES for c in demo.COLOURS]
     ):
         folder = out / shape
         folder.mkdir(exist_ok=True)

@@ -1,0 +1,100 @@
+"""`edje-qdrant serve`: the HTTP search API (FastAPI + uvicorn) over one collection."""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+
+from .options import library_errors, model_options, open_store_from, store_options
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+@click.command()
+@store_options
+@model_options(None)
+@click.option("--host", envvar="EDJE_HOST", show_envvar=True, default=DEFAULT_HOST, show_default=True,
+              help="Address to bind; use 0.0.0.0 only behind a firewall or with --service-api-key.")
+@click.option("--port", envvar="EDJE_PORT", show_envvar=True, type=click.IntRange(0, 65535), default=DEFAULT_PORT,
+              show_default=True, help="TCP port.")
+@click.option("--max-k", type=click.IntRange(min=1), default=100, show_default=True, help="Largest k a request may ask.")
+@click.option("--max-rerank-k", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Largest rerank_k a request may ask.")
+@click.option("--max-body-bytes", type=click.IntRange(min=256), default=64 * 1024, show_default=True,
+              help="Largest request body accepted (413 above).")
+@click.option("--service-api-key", envvar="EDJE_SERVICE_API_KEY", show_envvar=True, default=None,
+              help="If set, /search needs 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (never printed).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn log level.")
+@library_errors
+def serve(store: str, url: str | None, api_key: str | None, collection: str, model: str | None,
+          device: str | None, host: str, port: int, max_k: int, max_rerank_k: int, max_body_bytes: int,
+          service_api_key: str | None, log_level: str) -> None:
+    """Serve POST /search, GET /healthz, GET /metrics and the OpenAPI schema (/docs) for one collection."""
+    try:
+        import uvicorn
+
+        from edje_qdrant.service import ServiceLimits, create_app
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}. The service needs: pip install 'edje-qdrant[service]'") from None
+    from edje_qdrant.retriever import Retriever
+
+    def factory() -> Retriever:
+        target = open_store_from(store, url, api_key)
+        try:
+            return Retriever(target, collection, model, device=device)
+        except BaseException:
+            target.close()
+            raise
+
+    from edje_qdrant.errors import EdjeError
+
+    try:
+        factory_or_retriever: Any = factory()
+    except EdjeError as exc:
+        if not url:  # embedded store: fail fast (missing collection, store locked by another process)
+            raise
+        # A server (e.g. in docker compose) may not be up or ingested yet: retry on each request until it works.
+        click.echo(f"not ready yet: {exc}; retrying on each request (/healthz answers 503 until then)", err=True)
+        factory_or_retriever = factory
+    app = create_app(
+        factory_or_retriever,
+        limits=ServiceLimits(max_k=max_k, max_rerank_k=max_rerank_k, max_body_bytes=max_body_bytes),
+        api_keys=[service_api_key] if service_api_key else [],
+    )
+    if not _is_loopback(host) and not service_api_key:
+        click.echo(f"warning: listening on {host} without --service-api-key: anyone who can reach port {port} "
+                   "can search this collection", err=True)
+    where = redact_url(url) if url else store
+    click.echo(f"serving collection '{collection}' from {where} on http://{host}:{port} "
+               f"(OpenAPI docs at /docs)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, server_header=False)
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password and query string (where keys sometimes hide)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host if (parts.username or parts.password) else parts.netloc,
+                           parts.path, "", ""))
+    except ValueError:
+        return "<unparsable url>"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":  # pragma: no cover
+    serve()

