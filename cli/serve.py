@@ -20,7 +20,8 @@ DEFAULT_PORT = 8000
               help="Address to bind; use 0.0.0.0 only behind a firewall or with --service-api-key.")
 @click.option("--port", envvar="EDJE_PORT", show_envvar=True, type=click.IntRange(0, 65535), default=DEFAULT_PORT,
               show_default=True, help="TCP port.")
-@click.option("--max-k", type=click.IntRange(min=1), default=100, show_default=True, help="Largest k a request may ask.")
+@click.option("--max-k", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Largest k a request may ask.")
 @click.option("--max-rerank-k", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Largest rerank_k a request may ask.")
 @click.option("--max-body-bytes", type=click.IntRange(min=256), default=64 * 1024, show_default=True,

@@ -5,8 +5,9 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -122,22 +123,57 @@ class Retriever:
         keys = [TOKENS_KEY, *RESULT_PAYLOAD_KEYS] if rerank_k else list(RESULT_PAYLOAD_KEYS)
         hits = self.store.query(self.collection, vector.tolist(), limit, keys, filter=filter)
         clock.lap("ann_fetch")
-        results = [
-            SearchResult(
-                id=str(h.id),
-                path=(h.payload.get("metadata") or {}).get("source"),
-                score=float(h.score),
-                first_stage_score=float(h.score),
-                rerank_score=None,
-                page_content=str(h.payload.get("page_content", "")),
-                metadata=dict(h.payload.get("metadata") or {}),
-            )
-            for h in hits
-        ]
+        results = [_result(h, float(h.score)) for h in hits]
         if rerank_k and results:
             self._rerank(query, results, [h.payload.get(TOKENS_KEY) for h in hits], clock)
         clock.total()
         return results[:k]
+
+    def rerank_ids(
+        self, query: str, ids: Sequence[Any], first_stage_scores: Sequence[float | None] | None = None
+    ) -> tuple[list[SearchResult], list[int]]:
+        """Re-rank stored points named by id (e.g. hits of another retriever on this collection).
+
+        Returns (results best first, positions in ``ids`` not found in the collection). A repeated id is
+        re-ranked once; a point with a bad token blob keeps its input slot and is flagged, as in ``search``.
+        """
+        check_search_args(query, 1, 0)
+        if first_stage_scores is not None and len(first_stage_scores) != len(ids):
+            raise InputError(f"got {len(ids)} ids but {len(first_stage_scores)} first-stage scores")
+        keys = [canonical_id(raw) for raw in ids]
+        if not keys:
+            return [], []
+        hits = self.store.retrieve(self.collection, list(dict.fromkeys(keys)), [TOKENS_KEY, *RESULT_PAYLOAD_KEYS])
+        by_id = {str(h.id): h for h in hits}
+        results: list[SearchResult] = []
+        blobs: list[Any] = []
+        missing: list[int] = []
+        seen: set[str] = set()
+        for pos, key in enumerate(keys):
+            hit = by_id.get(key)
+            if hit is None:
+                missing.append(pos)
+                continue
+            if key in seen:
+                continue
+            seen.add(key)
+            first = first_stage_scores[pos] if first_stage_scores is not None else None
+            first = float(first) if first is not None else 0.0
+            results.append(_result(hit, first))
+            blobs.append(hit.payload.get(TOKENS_KEY))
+        if results:
+            self._rerank(query, results, blobs, _Clock(None))
+        return results, missing
+
+    def close(self) -> None:
+        """Close the store (releases the embedded store's lock)."""
+        self.store.close()
+
+    def __enter__(self) -> "Retriever":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _rerank(self, query: str, results: list[SearchResult], blobs: list[Any], clock: "_Clock") -> None:
         shape = (self.model.num_tokens, self.model.token_dim)
@@ -159,6 +195,28 @@ class Retriever:
             results[i].flags.append(f"rerank_failed: {reason}")
             log.warning("point %s kept its first-stage score: %s", results[i].id, reason)
         _order_in_place(results)
+
+
+def _result(hit: Any, first_stage_score: float) -> SearchResult:
+    meta = dict(hit.payload.get("metadata") or {})
+    return SearchResult(
+        id=str(hit.id),
+        path=meta.get("source"),
+        score=first_stage_score,
+        first_stage_score=first_stage_score,
+        rerank_score=None,
+        page_content=str(hit.payload.get("page_content", "")),
+        metadata=meta,
+    )
+
+
+def canonical_id(point_id: Any) -> str:
+    try:
+        return str(uuid.UUID(str(point_id)))
+    except (ValueError, TypeError, AttributeError):
+        raise InputError(
+            f"point id {point_id!r} is not a UUID string; only points of an edje-qdrant collection can be re-ranked"
+        ) from None
 
 
 class _Clock:

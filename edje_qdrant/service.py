@@ -118,7 +118,8 @@ class Metrics:
         ]
         with self._lock:
             for (method, route, status), n in sorted(self._requests.items()):
-                lines.append(f'edje_http_requests_total{{method="{method}",route="{_esc(route)}",status="{status}"}} {n}')
+                labels = f'method="{method}",route="{_esc(route)}",status="{status}"'
+                lines.append(f"edje_http_requests_total{{{labels}}} {n}")
             lines += [
                 "# HELP edje_search_stage_seconds Time spent per search stage "
                 "(request = whole HTTP call, total = Retriever.search; embed_query, ann_fetch, decode, rerank "
@@ -287,7 +288,7 @@ def create_app(
         r = _get_retriever(holder)
         kwargs: dict[str, Any] = {}
         if wants_timings.setdefault(id(r), "timings" in inspect.signature(r.search).parameters):
-            kwargs["timings"] = timings = {}
+            kwargs["timings"] = {}
         start = time.perf_counter()
         try:
             results = r.search(body.query, k=body.k, rerank_k=body.rerank_k, filter=flt, **kwargs)

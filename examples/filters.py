@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, list]:
         print(f"\n{name}: {len(results)} result(s)")
         for hit in results:
             meta = hit.metadata
-            print(f"  {hit.score:8.3f}  {hit.path}  taken {meta.get('taken_at', '?')}  camera {meta.get('camera_model', '?')}")
+            when, camera = meta.get("taken_at", "?"), meta.get("camera_model", "?")
+            print(f"  {hit.score:8.3f}  {hit.path}  taken {when}  camera {camera}")
     return found
 
 

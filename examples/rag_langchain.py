@@ -41,7 +41,8 @@ def image_part(path: str | None) -> dict[str, Any] | None:
         return None
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
-    return {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def build_messages(inputs: dict[str, Any]) -> list[BaseMessage]:
@@ -74,9 +75,9 @@ class StandInVisionChat(BaseChatModel):
         if not listed:
             answer = "I was shown no images, so I cannot answer."
         else:
-            best = listed[0].split("caption: ", 1)[-1]
-            answer = (f"(stand-in model, {n_images} images received) The best match [1] shows {best}. "
-                      f"Other candidates: {', '.join(line.split('caption: ', 1)[-1] for line in listed[1:]) or 'none'}.")
+            captions = [line.split("caption: ", 1)[-1] for line in listed]
+            answer = (f"(stand-in model, {n_images} images received) The best match [1] shows {captions[0]}. "
+                      f"Other candidates: {', '.join(captions[1:]) or 'none'}.")
         return ChatResult(generations=[ChatGeneration(message=AIMessage(answer))])
 
     @property

@@ -16,7 +16,9 @@ from edje_qdrant.errors import InputError, ModelMismatchError, StoreError
 from edje_qdrant.store.base import CollectionSpec, PointRecord
 
 DIM = 8
-SPEC = CollectionSpec(dim=DIM, model="tiny-random", fingerprint="tiny-random/abc123", codec="edje-tokens/v1/fp16/64x384")
+SPEC = CollectionSpec(
+    dim=DIM, model="tiny-random", fingerprint="tiny-random/abc123", codec="edje-tokens/v1/fp16/64x384"
+)
 N_POINTS = 40
 TOKENS_LEN = 65_536  # ~ the base64 size of a 49,152-byte token blob
 
@@ -51,7 +53,9 @@ def make_points(n: int = N_POINTS, seed: int = 0, start: int = 0) -> list[PointR
         if GEOS[i % 3]:
             meta["geo"] = GEOS[i % 3]
         tokens = base64.b64encode(rng.bytes(TOKENS_LEN * 3 // 4)).decode("ascii")
-        payload = {"page_content": f"image {i}", "metadata": meta, "edje_tokens": tokens, "edje_model": SPEC.fingerprint}
+        payload = {
+            "page_content": f"image {i}", "metadata": meta, "edje_tokens": tokens, "edje_model": SPEC.fingerprint
+        }
         out.append(PointRecord(id=point_id(i), vector=rng.normal(size=DIM).tolist(), payload=payload))
     return out
 
@@ -87,9 +91,11 @@ def check_spec_create_and_verify(store: Any, prefix: str = "") -> None:
     with pytest.raises(ModelMismatchError) as err:
         store.open_collection(prefix + "specs", other)
     msg = str(err.value)
-    assert "'tiny-random'" in msg and "'minilm-dinov2'" in msg and "--model tiny-random" in msg and "--collection" in msg
+    assert "'tiny-random'" in msg and "'minilm-dinov2'" in msg
+    assert "--model tiny-random" in msg and "--collection" in msg
     with pytest.raises(ModelMismatchError, match="codec"):
-        store.open_collection(prefix + "specs", CollectionSpec(DIM, SPEC.model, SPEC.fingerprint, "edje-tokens/v1/fp16/32x384"))
+        other_codec = "edje-tokens/v1/fp16/32x384"
+        store.open_collection(prefix + "specs", CollectionSpec(DIM, SPEC.model, SPEC.fingerprint, other_codec))
     with pytest.raises(ModelMismatchError, match="dim"):
         store.open_collection(prefix + "specs", CollectionSpec(DIM * 2, SPEC.model, SPEC.fingerprint, SPEC.codec))
     assert store.get_spec(prefix + "specs") == SPEC  # a refused open changes nothing
@@ -216,14 +222,16 @@ def filter_cases() -> list[tuple[str, Any, Any]]:
                     models.FieldCondition(key="metadata.folder", match=models.MatchValue(value="pets")),
                     models.FieldCondition(key="metadata.mime", match=models.MatchAny(any=["image/heic"])),
                 ],
-                must_not=[models.FieldCondition(key="metadata.camera_model", match=models.MatchValue(value="Canon EOS 5D"))],
+                must_not=[models.FieldCondition(
+                    key="metadata.camera_model", match=models.MatchValue(value="Canon EOS 5D"))],
             ),
             lambda p: (_meta(p)["folder"] == "pets" or _meta(p)["mime"] == "image/heic")
             and _meta(p).get("camera_model") != "Canon EOS 5D",
         ),
         (
             "match_except",
-            models.Filter(must=[models.FieldCondition(key="metadata.mime", match=models.MatchExcept(**{"except": ["image/jpeg"]}))]),
+            models.Filter(must=[models.FieldCondition(
+                key="metadata.mime", match=models.MatchExcept(**{"except": ["image/jpeg"]}))]),
             lambda p: _meta(p)["mime"] != "image/jpeg",
         ),
         (
@@ -234,7 +242,8 @@ def filter_cases() -> list[tuple[str, Any, Any]]:
         (
             "geo_radius_rome",
             models.Filter(must=[models.FieldCondition(
-                key="metadata.geo", geo_radius=models.GeoRadius(center=models.GeoPoint(lat=41.89, lon=12.49), radius=50_000.0))]),
+                key="metadata.geo",
+                geo_radius=models.GeoRadius(center=models.GeoPoint(lat=41.89, lon=12.49), radius=50_000.0))]),
             lambda p: _meta(p).get("geo") == GEOS[0],
         ),
         (

@@ -100,3 +100,51 @@ def test_help_shows_env_vars():
     out = _cli("search", "--help").output
     for var in ("EDJE_STORE", "QDRANT_URL", "QDRANT_API_KEY", "EDJE_COLLECTION", "EDJE_MODEL", "EDJE_DEVICE"):
         assert var in out
+
+
+def test_where_filter_html_and_grid(ingested, tmp_path):
+    store, _ = ingested
+    html, grid = tmp_path / "r.html", tmp_path / "r.png"
+    res = _cli("search", "a red circle", "--store", str(store), "--json", "-k", "3", "--rerank-k", "10",
+               "--where", "folder=circle", "--html", str(html), "--grid", str(grid))
+    assert res.exit_code == 0, res.output
+    hits = json.loads(res.stdout)
+    assert len(hits) == 3 and all(h["metadata"]["folder"] == "circle" for h in hits)
+    page = html.read_text()
+    assert "a red circle" in page and all(os.path.basename(h["path"]) in page for h in hits)
+    from PIL import Image
+
+    with Image.open(grid) as im:
+        assert im.width > 100 and im.height > 100
+
+
+def test_where_rejects_unknown_keys_and_bad_syntax(ingested):
+    store, _ = ingested
+    res = CliRunner().invoke(main, ["search", "x", "--store", str(store), "--where", "colour=red"])
+    assert res.exit_code == 1 and "colour" in res.output
+    res = CliRunner().invoke(main, ["search", "x", "--store", str(store), "--where", "folder"])
+    assert res.exit_code == 1 and "KEY=VALUE" in res.output
+
+
+def test_convert_official_compat_weights_then_load_and_score(tmp_path):
+    from conftest import SHARED
+    from safetensors.torch import load_file
+
+    from edje_qdrant.models import load_model
+
+    compat = SHARED / "compat"
+    if not (compat / "weights.safetensors").exists():
+        pytest.skip(f"compat vectors not found at {compat}")
+    res = CliRunner().invoke(main, ["convert", str(compat / "weights.safetensors"), str(tmp_path / "bad")])
+    assert res.exit_code == 1 and "heads" in res.output and "Traceback" not in res.output
+    res = _cli("convert", str(compat / "weights.safetensors"), str(tmp_path / "conv"), "--preset", "tiny-random",
+               "--config", str(compat / "config.json"))
+    assert res.exit_code == 0, res.output
+    assert not any(k.startswith(("vision_encoder.", "clip.")) for k in load_file(tmp_path / "conv" / "weights.safetensors"))
+    model = load_model(str(tmp_path / "conv"), device="cpu")
+    inputs = load_file(compat / "inputs.safetensors")["vision_encoder_output_tokens"]
+    expected = load_file(compat / "expected.safetensors")
+    cases = json.loads((compat / "cases.json").read_text())
+    tokens = model.reranker.compress(inputs).detach()
+    logits = model.rerank([c["caption"] for c in cases], tokens[[c["vision_index"] for c in cases]])
+    assert abs(logits - expected["logits"].numpy()).max() < 1e-5

@@ -6,7 +6,8 @@ import asyncio
 import pytest
 
 pytest.importorskip("langchain_core", reason="optional extra: pip install 'edje-qdrant[langchain]'")
-langchain_qdrant = pytest.importorskip("langchain_qdrant", reason="optional extra: pip install 'edje-qdrant[langchain]'")
+EXTRA = "optional extra: pip install 'edje-qdrant[langchain]'"
+langchain_qdrant = pytest.importorskip("langchain_qdrant", reason=EXTRA)
 
 from qdrant_client import QdrantClient, models  # noqa: E402
 
@@ -62,8 +63,8 @@ def test_k_rerank_k_and_filter_per_call(edje):
     first_stage = lc.invoke("a red circle", rerank_k=0)
     assert all(d.metadata["rerank_score"] is None for d in first_stage)
     assert [d.id for d in first_stage] == [r.id for r in edje.search("a red circle", k=4, rerank_k=0)]
-    circles = lc.invoke("a red circle", k=6, filter={"folder": "circle"})
-    assert len(circles) == 6 and all(d.metadata["folder"] == "circle" for d in circles)
+    circles = lc.invoke("a red circle", k=6, filter={"folder": "circle"})  # the folder holds 4 images
+    assert len(circles) == 4 and all(d.metadata["folder"] == "circle" for d in circles)
     assert [d.id for d in circles] == [r.id for r in edje.search("a red circle", k=6, rerank_k=12,
                                                                       filter={"folder": "circle"})]
     # defaults are untouched by per-call values

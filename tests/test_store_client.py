@@ -82,7 +82,8 @@ def test_reserved_point_never_shows_up():
 
 def test_foreign_collection_is_refused():
     client = QdrantClient(location=":memory:")
-    client.create_collection("theirs", vectors_config={"clip": models.VectorParams(size=DIM, distance=models.Distance.COSINE)})
+    cosine = models.VectorParams(size=DIM, distance=models.Distance.COSINE)
+    client.create_collection("theirs", vectors_config={"clip": cosine})
     client.create_collection("other", vectors_config=models.VectorParams(size=DIM, distance=models.Distance.DOT))
     s = ClientStore(client)
     with pytest.raises(StoreError, match="'theirs'.*not created by edje-qdrant"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,7 +292,8 @@ def test_embedded_path_imports_neither_torch_nor_qdrant_client(tmp_path):
         "ids = ['00000000-0000-0000-0000-00000000000%d' % i for i in (1, 2, 3)]\n"
         "meta = [{'folder': 'pets', 'taken_at': '2024-01-01T00:00:00'}, {'folder': 'pets'}, {'folder': 'x'}]\n"
         "s.upsert('photos', [PointRecord(i, [1.0] * 8, {'metadata': m}) for i, m in zip(ids, meta)])\n"
-        "hits = s.query('photos', [1.0] * 8, 5, ['page_content'], filter={'folder': 'pets', 'taken_after': '2020-01-01'})\n"
+        "flt = {'folder': 'pets', 'taken_after': '2020-01-01'}\n"
+        "hits = s.query('photos', [1.0] * 8, 5, ['page_content'], filter=flt)\n"
         "s.close()\n"
         "print(len(hits), 'torch' in sys.modules, 'qdrant_client' in sys.modules)\n"
     )
@@ -315,3 +317,15 @@ def test_optimize_keeps_the_data_and_the_order(store):
     assert isinstance(store.optimize("photos"), bool)
     assert [h.id for h in store.query("photos", query, 12, [])] == before == cosine_order(pts, query)
     assert store.count("photos") == 12
+
+
+def test_a_create_cut_short_is_finished_on_the_next_open(tmp_path):
+    cdir = tmp_path / "s" / "photos"
+    with EdgeStore(tmp_path / "s") as s:
+        s.open_collection("photos", SPEC)
+    shutil.rmtree(cdir / SHARD_DIR)
+    (cdir / SHARD_DIR / "segments").mkdir(parents=True)  # as if the process died inside EdgeShard.create
+    with EdgeStore(tmp_path / "s") as s:
+        s.open_collection("photos", SPEC, create=False)
+        s.upsert("photos", make_points(2))
+        assert s.count("photos") == 2

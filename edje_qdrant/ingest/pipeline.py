@@ -104,7 +104,8 @@ def ingest(
 
     Broken files never stop the run: they are counted in ``failed`` and, when ``errors_file`` is given,
     written there as JSON lines ``{"path", "reason", "error_type", "kind"}`` (the file is rewritten
-    each run). ``max_pixels`` refuses larger images (decompression bombs); ``file_timeout`` (seconds)
+    each run). ``max_pixels`` refuses larger images (decompression bombs; a cap above Pillow's own hard
+    limit, 2 x ``PIL.Image.MAX_IMAGE_PIXELS``, also needs that raised); ``file_timeout`` (seconds)
     abandons a file whose hashing or decoding takes longer. On KeyboardInterrupt the workers stop,
     everything already upserted stays, and the interrupt is re-raised with the partial report attached
     as ``exc.ingest_report``.
@@ -211,6 +212,21 @@ def _caption(path: Path) -> str | None:
     return text or None
 
 
+def _guarded(fn: Any, item: WalkItem, *args: Any) -> Any:
+    """Run a worker job; an unexpected exception becomes a reported file failure, not a stopped run."""
+    try:
+        return fn(item, *args)
+    except UnusableFile:
+        raise
+    except Exception as exc:
+        log.warning("unexpected error on %s", display_path(item.path), exc_info=True)
+        raise UnusableFile(f"unexpected {type(exc).__name__}: {exc}", "error", type(exc).__name__) from None
+
+
+def _hash_item(item: WalkItem) -> str:
+    return _hash_file(item.path)
+
+
 def _prepare(item: WalkItem, model: Any, s: _Settings) -> _Prepared:
     """Worker job: read, hash (the id is of the bytes actually decoded), decode, preprocess, payload."""
     content = read_file(item.path)
@@ -264,7 +280,7 @@ class _Run:
         return False
 
     def _hash_chunk(self, items: list[WalkItem]) -> list[tuple[WalkItem, Any]]:
-        tasks = [self.pool.submit(_hash_file, it.path, priority=HASH_PRIORITY) for it in items]
+        tasks = [self.pool.submit(_guarded, _hash_item, it, priority=HASH_PRIORITY) for it in items]
         out: list[tuple[WalkItem, Any]] = []
         for it, task in zip(items, tasks):
             try:
@@ -301,12 +317,12 @@ class _Run:
     def execute(self) -> IngestReport:
         t0 = time.monotonic()
         producer = threading.Thread(target=self._produce, name="edje-ingest-walk", daemon=True)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(desc="ingest", unit="img", dynamic_ncols=True)
-        producer.start()
         try:
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(desc="ingest", unit="img", dynamic_ncols=True)
+            producer.start()
             self._consume()
         except BaseException as exc:
             self.report.interrupted = isinstance(exc, KeyboardInterrupt)
@@ -314,13 +330,15 @@ class _Run:
             if isinstance(exc, KeyboardInterrupt):
                 exc.ingest_report = self.report  # type: ignore[attr-defined]
                 r = self.report
-                log.warning("ingest interrupted after %d new, %d already stored, %d failed; re-run to resume",
+                # info, not warning: the caller gets the interrupt with the report and tells the user itself
+                log.info("ingest interrupted after %d new, %d already stored, %d failed; re-run to resume",
                             r.ingested, r.skipped_existing, r.failed)
             raise
         finally:
             self.stop.set()
             self.pool.shutdown()
-            producer.join(timeout=2.0)
+            if producer.is_alive():
+                producer.join(timeout=2.0)
             self.errors.close()
             if self.bar is not None:
                 self.bar.close()
@@ -356,7 +374,7 @@ class _Run:
                 self._tick()
                 continue
             for item in self._check_chunk(body):
-                inflight.append((item, self.pool.submit(_prepare, item, self.model, self.s)))
+                inflight.append((item, self.pool.submit(_guarded, _prepare, item, self.model, self.s)))
             while len(inflight) > window:
                 self._take(inflight.popleft())
         while inflight:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
+
+from edje_qdrant.errors import InputError
 
 
 @runtime_checkable
@@ -44,11 +46,26 @@ class EdjeModel:
     fingerprint: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     image_batch_size: int = 32
-    precision: str = "fp32"  # "fp32" | "bf16": autocast used for the joint encoder / towers
+    # "fp32" | "bf16" (autocast for the joint encoder / towers) | "int8" (CPU: the joint encoder's Linear layers
+    # dynamically quantized to int8, everything else fp32; see reranker.quantize_int8)
+    precision: str = "fp32"
+    _int8: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def _autocast(self):
         enabled = self.precision == "bf16"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _joint_encoder(self) -> "torch.nn.Module":
+        """The module that scores pairs: the reranker, or (precision int8) its quantized copy, built once."""
+        if self.precision != "int8":
+            return self.reranker
+        if self.device.type != "cpu":
+            raise InputError(f"precision int8 runs on the CPU only, not {self.device}; use bf16 on a GPU")
+        if self._int8 is None or self._int8[0] is not self.reranker:
+            from edje_qdrant.models.reranker import quantize_int8
+
+            self._int8 = (self.reranker, quantize_int8(self.reranker))
+        return self._int8[1]
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +96,7 @@ class EdjeModel:
         if self.device.type == "cuda":
             t = t.pin_memory()
         t = t.to(self.device, non_blocking=True).float()  # blobs arrive as float16; upcast on the device
+        encoder = self._joint_encoder()
         with torch.inference_mode(), self._autocast():
-            logits = self.reranker.score(query, t)
+            logits = encoder.score(query, t)
         return logits.float().cpu().numpy()

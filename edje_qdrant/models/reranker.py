@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
@@ -208,4 +209,53 @@ class EdjeReranker(nn.Module):
             return torch.zeros(0, dtype=torch.float32, device=image_tokens.device)
         enc = self.tokenize(query)
         image_tokens = image_tokens.to(self.device)
+        if not self.training and bool(enc.attention_mask.all()):
+            return self.cls_logits(enc.input_ids, enc.token_type_ids, image_tokens)
         return self.forward(enc.input_ids, enc.token_type_ids, enc.attention_mask, image_tokens)
+
+    def cls_logits(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, image_tokens: torch.Tensor
+                   ) -> torch.Tensor:
+        """Inference fast path for unpadded rows (always the case for one broadcast query): the same logits as
+        ``forward`` but the last layer is computed for ``[CLS]`` only (the head reads nothing else), which skips
+        its query projection, attention output and feed-forward for the other L-1 positions."""
+        embeds = self.embed_pairs(input_ids, image_tokens)
+        b = embeds.shape[0]
+        if token_type_ids.shape[0] != b:
+            token_type_ids = token_type_ids.expand(b, -1)
+        h = self.bert.embeddings(inputs_embeds=embeds, token_type_ids=token_type_ids)
+        layers = self.bert.encoder.layer
+        for layer in layers[:-1]:
+            out = layer(h, None)  # no padding: no attention mask
+            h = out[0] if isinstance(out, tuple) else out
+        return self.head_logits(_cls_layer(layers[-1], h))
+
+
+def quantize_int8(reranker: EdjeReranker) -> EdjeReranker:
+    """A CPU copy whose joint-encoder Linear layers are dynamically quantized to int8 (per-channel weights,
+    activations quantized per batch). Embeddings, LayerNorms, attention maths and the head stay float32.
+    Inference only; the original is left untouched."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantized = copy.deepcopy(reranker).to("cpu").eval()
+        quantized.bert.encoder = quantize_dynamic(quantized.bert.encoder, {nn.Linear: per_channel_dynamic_qconfig},
+                                                  dtype=torch.qint8)
+    return quantized
+
+
+def _cls_layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One BERT layer (eval, no mask) computed for position 0 only: ``[B, L, d]`` -> ``[B, 1, d]``."""
+    sa = layer.attention.self
+    b, length, _ = h.shape
+    heads, size = sa.num_attention_heads, sa.attention_head_size
+    cls = h[:, :1]
+    q = sa.query(cls).view(b, 1, heads, size).transpose(1, 2)
+    k = sa.key(h).view(b, length, heads, size).transpose(1, 2)
+    v = sa.value(h).view(b, length, heads, size).transpose(1, 2)
+    ctx = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, heads * size)
+    attn = layer.attention.output(ctx, cls)
+    return layer.output(layer.intermediate(attn), attn)

@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
 import uuid
 import weakref
@@ -135,7 +136,11 @@ class EdgeStore:
             if (shard_dir / "edge_config.json").exists():
                 shard = qe.EdgeShard.load(str(shard_dir))
             else:
-                cfg = qe.EdgeConfig(vectors={VECTOR_NAME: qe.EdgeVectorParams(size=spec.dim, distance=qe.Distance.Cosine)})
+                if shard_dir.exists():  # a create cut short by a crash: no point was ever written there
+                    log.warning("removing the unfinished shard %s and creating it again", shard_dir)
+                    shutil.rmtree(shard_dir)
+                params = qe.EdgeVectorParams(size=spec.dim, distance=qe.Distance.Cosine)
+                cfg = qe.EdgeConfig(vectors={VECTOR_NAME: params})
                 shard = qe.EdgeShard.create(str(shard_dir), cfg)
                 for field, kind in _INDEXES.items():
                     shard.update(qe.UpdateOperation.create_field_index(field, getattr(qe.PayloadSchemaType, kind)))

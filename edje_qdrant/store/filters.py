@@ -2,7 +2,8 @@
 
 The dict form keys map to payload fields written by ingest:
 ``folder`` -> ``metadata.folder``, ``mime`` -> ``metadata.mime``, ``camera`` -> any of ``metadata.camera``,
-``metadata.camera_model``, ``metadata.camera_make`` (a string, or a list meaning "any of"), ``taken_after`` / ``taken_before`` -> a datetime range on
+``metadata.camera_model``, ``metadata.camera_make`` (a string, or a list meaning "any of");
+``taken_after`` / ``taken_before`` -> a datetime range on
 ``metadata.taken_at`` (ISO date or datetime; ``taken_after`` is inclusive, ``taken_before`` exclusive;
 a datetime without a time zone is read as UTC).  ``to_edge_filter`` converts a ``models.Filter`` to
 Qdrant Edge's own filter classes.

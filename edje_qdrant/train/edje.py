@@ -61,6 +61,7 @@ class EdjeTrainOptions:
     num_tokens: int = 64
     checkpoint_every: int = 25
     seed: int = 0
+    time_limit_s: float | None = None  # stop cleanly (checkpoint + weights) after this many seconds of this run
 
 
 @torch.no_grad()
@@ -241,6 +242,10 @@ def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_imag
     t0 = time.time()
     n_img = len(data.images)
     while step < o.steps:
+        if o.time_limit_s is not None and time.time() - t0 > o.time_limit_s:
+            log.info("time limit reached at step %d; resume later with resume=True", step)
+            save()
+            break
         gstep = torch.Generator().manual_seed(o.seed * 100003 + step)
         img = torch.randperm(n_img, generator=gstep)[: o.batch_size]
         caps_idx = [per_image[int(i)][int(torch.randint(len(per_image[int(i)]), (1,), generator=gstep))]
@@ -270,7 +275,7 @@ def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_imag
         bar.close()
     elapsed = time.time() - t0
     save_file({k: v.contiguous() for k, v in trainable_reranker_state(reranker).items()}, str(out / WEIGHTS))
-    config = {"options": asdict(o), "alpha": alpha, "steps": step, "train_seconds_this_run": round(elapsed, 1),
+    config = {"options": asdict(o), "alpha": alpha, "steps": step, "finished": step >= o.steps, "train_seconds_this_run": round(elapsed, 1),
               "reranker": reranker_config(o.num_tokens, o.adapter_hidden).to_dict(),
               "last_losses": history[-20:]}
     (out / CONFIG).write_text(json.dumps(config, indent=2))

