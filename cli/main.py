@@ -171,6 +171,126 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
     click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.option("--captions", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Captions TSV (image, caption_idx, split, caption); trains on split 'train'.")
+@click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path), help="Images folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Training folder (checkpoints, weights).")
+@click.option("--stage", type=click.Choice(["first", "reranker", "export"]), default="first", show_default=True,
+              help="first: LiT first stage; reranker: EDJE reranker on top of it; export: write a model folder.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="First stage epochs.")
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True, help="Reranker steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (stage default).")
+@click.option("--time-limit", type=float, default=None,
+              help="Reranker: stop cleanly after this many seconds (resume later with --resume).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Vision token cache folder (default: under the user cache dir).")
+@click.option("--export-to", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="export: model folder to write (load it with --model FOLDER).")
+@click.option("--device", envvar="EDJE_DEVICE", show_envvar=True, default=None, help="torch device.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@library_errors
+def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, steps: int, batch_size: int | None,
+          time_limit: float | None, cache: Path | None, export_to: Path | None, device: str | None,
+          precision: str, resume: bool) -> None:
+    """Train the offline model on captioned images (resumable; checkpoints in --out)."""
+    from edje_qdrant.errors import InputError
+    from edje_qdrant.train import export_preset, train_first_stage, train_reranker
+
+    sized = {"batch_size": batch_size} if batch_size else {}
+    if stage == "first":
+        result = train_first_stage(captions, images, out, cache=cache, epochs=epochs, device=device,
+                                   precision=precision, resume=resume, **sized)
+    elif stage == "reranker":
+        limit = {"time_limit_s": time_limit} if time_limit else {}
+        result = train_reranker(captions, images, out, cache=cache, steps=steps, device=device,
+                                precision=precision, resume=resume, **sized, **limit)
+    else:
+        if export_to is None:
+            raise InputError("--stage export needs --export-to FOLDER")
+        result = {"exported": str(export_preset(out, export_to))}
+    click.echo(json.dumps(result, default=str))
+
+
+@main.command("eval")
+@click.option("--captions", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Captions TSV (image, caption_idx, split, caption).")
+@click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path), help="Images folder.")
+@click.option("--split", default="dev", show_default=True, help="Which split of the captions file to evaluate.")
+@model_options(DEFAULT_MODEL)
+@click.option("--rerank-k", "rerank_ks", default="10,20,50", show_default=True,
+              help="Comma-separated rerank_k values.")
+@click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
+              help="Token storage precision used for the evaluation store.")
+@click.option("--store", "eval_store", type=click.Path(file_okay=False), default=None,
+              help="Keep the evaluation store here (re-runs skip the ingest); default: a temporary folder.")
+@click.option("--max-queries", type=click.IntRange(min=1), default=None,
+              help="Evaluate an evenly spaced subset of this many captions (and images).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a PNG plot of recall against rerank_k.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@library_errors
+def eval_command(captions: Path, images: Path, split: str, model: str, device: str | None, rerank_ks: str,
+                 dtype: str, eval_store: str | None, max_queries: int | None, plot: Path | None,
+                 as_json: bool) -> None:
+    """Recall@1/5/10 (text->image, image->text), first stage and re-ranked, through ingest + Retriever."""
+    from edje_qdrant.errors import InputError
+    from edje_qdrant.evaluate import evaluate
+    from edje_qdrant.models import load_model
+
+    try:
+        ks = [int(x) for x in rerank_ks.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--rerank-k must be comma-separated integers, got {rerank_ks!r}") from None
+    bar = _progress_bar(not as_json)
+    out = evaluate(captions, images, split, load_model(model, device=device), rerank_ks=ks, store_path=eval_store,
+                   dtype=dtype, max_queries=max_queries, progress=bar)
+    bar.close()
+    if plot is not None:
+        from edje_qdrant.render import plot_recall
+
+        curve = {0: {m: out["first_stage"][f"t2i_{m}"] for m in ("r1", "r5", "r10")}}
+        curve.update({int(k): {m: v[f"t2i_{m}"] for m in ("r1", "r5", "r10")} for k, v in out["reranked"].items()})
+        click.echo(f"wrote {plot_recall(curve, plot)}", err=True)
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"split {split}: {out['images']} images, {out['queries']['t2i']} captions; "
+               f"{out['seconds_per_query'] * 1000:.1f} ms per text query")
+    click.echo(f"{'':14s}" + "".join(f"{h:>9s}" for h in ("T2I R@1", "R@5", "R@10", "I2T R@1", "R@5", "R@10")))
+    rows = [("first stage", out["first_stage"])] + [(f"rerank {k}", v) for k, v in out["reranked"].items()]
+    for name, row in rows:
+        click.echo(f"{name:14s}" + "".join(f"{row[f'{d}_r{m}']:9.1f}" for d in ("t2i", "i2t") for m in (1, 5, 10)))
+    for k, v in out["fused"].items():
+        click.echo(f"fused {k:8s}" + "".join(f"{v[f'{d}_r{m}']:9.1f}" for d in ("t2i", "i2t") for m in (1, 5, 10))
+                   + f"   (weights {v['t2i_weight']:g}/{v['i2t_weight']:g}, tuned on the first half, "
+                   "scored on the second)")
+
+
+class _progress_bar:
+    """tqdm bar per evaluation phase (no-op when disabled)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar, self.phase = enabled, None, None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if phase != self.phase:
+            self.close()
+            from tqdm import tqdm
+
+            self.bar, self.phase = tqdm(total=total, desc=phase, unit="q", file=sys.stderr), phase
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 main.add_command(serve)
 
 

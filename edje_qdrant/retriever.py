@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .codec import TOKENS_KEY, decode_batch
+from .codec import TOKENS_KEY, decode_batch, decode_tokens
 from .errors import InputError, ModelMismatchError, StoreError
 from .models import load_model
 from .models.base import EdjeModel
@@ -28,7 +28,8 @@ RESULT_PAYLOAD_KEYS = ["page_content", "metadata"]
 
 @dataclass
 class SearchResult:
-    """One hit, best first. ``score`` is what the list is sorted by (rerank logit, or first-stage score)."""
+    """One hit, best first. ``score`` is what the list is sorted by: the rerank logit (plus the model's
+    ``fusion_weight`` x first-stage score, when it has one), or the first-stage score when not re-ranked."""
 
     id: str
     path: str | None
@@ -51,6 +52,11 @@ def check_search_args(query: Any, k: Any, rerank_k: Any) -> str:
         raise InputError("query is empty; pass some text to search for")
     if len(query) > MAX_QUERY_CHARS:
         raise InputError(f"query has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+    try:  # lone surrogates (e.g. undecodable command-line bytes) would crash the tokenizer
+        query.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"query is not valid Unicode text (character {exc.start} is a lone surrogate, e.g. from "
+                         "bytes that are not UTF-8); pass UTF-8 text") from None
     for name, value, cap in (("k", k, MAX_K), ("rerank_k", rerank_k, MAX_RERANK_K)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
             raise InputError(f"{name} must be an integer, got {value!r}")
@@ -165,6 +171,17 @@ class Retriever:
             self._rerank(query, results, blobs, _Clock(None))
         return results, missing
 
+    def score_captions(self, point_id: str, captions: Sequence[str]) -> np.ndarray:
+        """Joint-encoder logits of several captions against one stored image (image -> text ranking)."""
+        pid = canonical_id(point_id)
+        hits = self.store.retrieve(self.collection, [pid], [TOKENS_KEY])
+        if not hits:
+            raise InputError(f"point {pid} is not in collection '{self.collection}'")
+        tokens = decode_tokens(hits[0].payload.get(TOKENS_KEY), pid, (self.model.num_tokens, self.model.token_dim))
+        batch = np.repeat(tokens[None], len(captions), axis=0)
+        with self._model_lock:
+            return self.model.rerank(list(captions), batch)
+
     def close(self) -> None:
         """Close the store (releases the embedded store's lock)."""
         self.store.close()
@@ -184,10 +201,11 @@ class Retriever:
         if good:
             with self._model_lock:
                 logits = self.model.rerank(query, tokens[good] if bad else tokens)
+            w = float(getattr(self.model, "fusion_weight", 0.0))
             for i, logit in zip(good, logits.tolist()):
                 if np.isfinite(logit):
                     results[i].rerank_score = float(logit)
-                    results[i].score = float(logit)
+                    results[i].score = float(logit) + w * results[i].first_stage_score
                 else:
                     failures[i] = "non-finite rerank score (corrupt token values)"
         clock.lap("rerank")

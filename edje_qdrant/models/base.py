@@ -85,9 +85,13 @@ class EdjeModel:
 
     def embed_query(self, text: str) -> np.ndarray:
         """Query text -> float32 [clip_dim] (L2-normalised)."""
+        return self.embed_texts([text])[0]
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> float32 [N, clip_dim] (L2-normalised), in one batch."""
         with torch.inference_mode(), self._autocast():
-            vec = self.text.encode([text])[0]
-        return vec.float().cpu().numpy()
+            vecs = self.text.encode(list(texts))
+        return vecs.float().cpu().numpy()
 
     def rerank(self, query: str | list[str], tokens: np.ndarray | torch.Tensor) -> np.ndarray:
         """Joint-encoder logits float32 [N] for a query (broadcast) or N captions against N token sets [N, m, d]

@@ -95,3 +95,11 @@ def payload_selector(payload_keys: list[str] | None) -> bool | list[str]:
         raise InputError(f"payload_keys must be a list of keys, got the string {payload_keys!r}")
     keys = list(payload_keys)
     return keys if keys else False
+
+
+def clip_vector(record: Any) -> list[float] | None:
+    """The `clip` vector of a retrieved record (named-vector dict or a bare list), as floats."""
+    vec = getattr(record, "vector", None)
+    if isinstance(vec, dict):
+        vec = vec.get("clip")
+    return [float(x) for x in vec] if vec is not None else None

@@ -34,6 +34,7 @@ class Hit:
     id: str
     score: float
     payload: dict[str, Any] = field(default_factory=dict)
+    vector: list[float] | None = None  # the `clip` vector, only when asked for
 
 
 class Store(Protocol):
@@ -56,8 +57,8 @@ class Store(Protocol):
     ) -> list[Hit]:
         """ANN on ``clip``; payload restricted to ``payload_keys`` (None = all), best first."""
 
-    def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None) -> list[Hit]:
-        """Points by id (score 0), only those that exist."""
+    def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None, with_vector: bool = False) -> list[Hit]:
+        """Points by id (score 0), only those that exist; ``with_vector`` also returns the `clip` vector."""
 
     def count(self, name: str) -> int: ...
 

@@ -25,6 +25,7 @@ import qdrant_edge as qe
 
 from edje_qdrant.errors import StoreError, StoreLockedError
 from edje_qdrant.store._common import (
+    clip_vector,
     VECTOR_NAME,
     canonical_id,
     canonical_ids,
@@ -251,12 +252,14 @@ class EdgeStore:
                 raise StoreError(f"query on collection {name!r} in {self.path} failed: {e}") from e
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in found]
 
-    def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None) -> list[Hit]:
+    def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None, with_vector: bool = False) -> list[Hit]:
         """Points by id (score 0) in the order asked, only those that exist."""
         wanted = canonical_ids(ids)
-        records = self._retrieve(name, list(wanted), payload_selector(payload_keys))
+        records = self._retrieve(name, list(wanted), payload_selector(payload_keys), with_vector)
         by_id = {str(r.id): r for r in records}
-        return [Hit(id=cid, score=0.0, payload=dict(by_id[cid].payload or {})) for cid in wanted if cid in by_id]
+        return [Hit(id=cid, score=0.0, payload=dict(by_id[cid].payload or {}),
+                    vector=clip_vector(by_id[cid]) if with_vector else None)
+                for cid in wanted if cid in by_id]
 
     def existing_ids(self, name: str, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` are stored (returned as the caller spelled them)."""
@@ -267,12 +270,12 @@ class EdgeStore:
             found.update(str(r.id) for r in self._retrieve(name, keys[start:start + 1024], False))
         return {wanted[cid] for cid in found if cid in wanted}
 
-    def _retrieve(self, name: str, ids: list[str], selector: bool | list[str]) -> list[Any]:
+    def _retrieve(self, name: str, ids: list[str], selector: bool | list[str], with_vector: bool = False) -> list[Any]:
         with self._use(name) as coll:
             if not ids:
                 return []
             try:
-                return coll.shard.retrieve([uuid.UUID(i) for i in ids], with_payload=selector, with_vector=False)
+                return coll.shard.retrieve([uuid.UUID(i) for i in ids], with_payload=selector, with_vector=with_vector)
             except Exception as e:
                 raise StoreError(f"retrieve from collection {name!r} in {self.path} failed: {e}") from e
 

@@ -19,6 +19,7 @@ from qdrant_client import QdrantClient, models
 
 from edje_qdrant.errors import EdjeError, InputError, StoreError
 from edje_qdrant.store._common import (
+    clip_vector,
     SPEC_KEY,
     VECTOR_NAME,
     canonical_ids,
@@ -232,12 +233,14 @@ class ClientStore:
         )
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in res.points]
 
-    def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None) -> list[Hit]:
+    def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None, with_vector: bool = False) -> list[Hit]:
         """Points by id (score 0) in the order asked, only those that exist."""
         wanted = canonical_ids(ids)
         wanted.pop(SPEC_POINT_ID, None)
-        by_id = {str(r.id): r for r in self._retrieve(name, list(wanted), payload_selector(payload_keys))}
-        return [Hit(id=cid, score=0.0, payload=dict(by_id[cid].payload or {})) for cid in wanted if cid in by_id]
+        by_id = {str(r.id): r for r in self._retrieve(name, list(wanted), payload_selector(payload_keys), with_vector)}
+        return [Hit(id=cid, score=0.0, payload=dict(by_id[cid].payload or {}),
+                    vector=clip_vector(by_id[cid]) if with_vector else None)
+                for cid in wanted if cid in by_id]
 
     def existing_ids(self, name: str, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` are stored (returned as the caller spelled them)."""
@@ -249,12 +252,12 @@ class ClientStore:
             found.update(str(r.id) for r in self._retrieve(name, keys[start:start + 1024], False))
         return {wanted[cid] for cid in found if cid in wanted}
 
-    def _retrieve(self, name: str, ids: list[str], selector: bool | list[str]) -> list[Any]:
+    def _retrieve(self, name: str, ids: list[str], selector: bool | list[str], with_vector: bool = False) -> list[Any]:
         self._spec(name)
         if not ids:
             return []
         return self._call(f"retrieve from {name!r}", self.client.retrieve, name, ids,
-                          with_payload=selector, with_vectors=False)
+                          with_payload=selector, with_vectors=with_vector)
 
     def count(self, name: str) -> int:
         _, spec_point = self._spec(name)
