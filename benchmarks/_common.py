@@ -90,6 +90,31 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, reps: int = 5, budget_s: 
     return times
 
 
+def measure_interleaved(fns: dict[str, Callable[[], Any]], *, reps: int = 5, warmup: int = 1,
+                        budget_s: float = 20.0) -> dict[str, list[float]]:
+    """Round-robin a, b, c, a, b, c, ... (after ``warmup`` rounds) so load drift hits all alike; seconds of each."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return out
+
+
+def measure_pair(a: Callable[[], Any], b: Callable[[], Any], *, reps: int = 5, budget_s: float = 20.0
+                 ) -> tuple[list[float], list[float]]:
+    """``measure_interleaved`` of two functions (one warm-up round)."""
+    t = measure_interleaved({"a": a, "b": b}, reps=reps, budget_s=budget_s)
+    return t["a"], t["b"]
+
+
 def median_ms(times: Sequence[float]) -> float:
     return 1000.0 * statistics.median(times)
 

@@ -45,15 +45,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         tokens = np.concatenate([model.embed_images(pixels[s:s + bs])[1] for s in range(0, k, bs)])
         model.rerank(q, tokens.astype(np.float16))
 
-    reps = 1 if quick else 2
-    t_edje = C.median_ms(C.measure(edje, reps=reps + 1, budget_s=60))
-    t_blip = C.median_ms(C.measure(blip_style, warmup=0 if not quick else 1, reps=reps, budget_s=120))
+    model.embed_images(pixels[:2])  # warm-up of the tower
+    t_edje = C.median_ms(C.measure(edje, reps=3, budget_s=30))
+    t_blip = C.median_ms(C.measure(blip_style, warmup=0, reps=2, budget_s=20))
     rows = [["EDJE (stored tokens)", k, t_edje, 1.0], ["online re-encoding, " + what.split(";")[0], k, t_blip,
                                                         t_blip / t_edje]]
     # ViT-L/14: per-image forward cost on a few images, scaled to k candidates
     vit = vit_l_tower()
-    few = torch.from_numpy(pixels[:2 if quick else 4])
-    per_img = C.median_ms(C.measure(lambda: vit(pixel_values=few), warmup=1, reps=2, budget_s=60)) / len(few)
+    few = torch.from_numpy(pixels[:2])
+    per_img = C.median_ms(C.measure(lambda: vit(pixel_values=few), warmup=0, reps=2, budget_s=20)) / len(few)
     t_vitl = per_img * k + t_edje
     rows.append(["online re-encoding, ViT-L/14 shape (random; per image x k)", k, t_vitl, t_vitl / t_edje])
     C.table("BLIP-style baseline: re-encode every candidate image at query time (CPU, one query)",

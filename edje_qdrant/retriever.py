@@ -118,7 +118,8 @@ class Retriever:
         """Top ``k`` images for ``query``: ANN over ``rerank_k`` candidates, re-ranked by the joint encoder.
 
         ``filter``: a qdrant_client ``models.Filter`` or the small dict form (see ``store.filters``).
-        ``timings``: if given, filled with seconds per stage (embed_query, ann_fetch, decode, rerank, total).
+        ``timings``: if given, filled with seconds per stage (embed_query, ann_fetch, decode, rerank, and
+        fetch_payload when the result payload is fetched for the top ``k`` only, total).
         """
         check_search_args(query, k, rerank_k)
         clock = _Clock(timings)
@@ -126,14 +127,33 @@ class Retriever:
             vector = self.model.embed_query(query)
         clock.lap("embed_query")
         limit = rerank_k if rerank_k else k
-        keys = [TOKENS_KEY, *RESULT_PAYLOAD_KEYS] if rerank_k else list(RESULT_PAYLOAD_KEYS)
+        # Re-ranking more candidates than it returns: the ANN call brings only the token blobs, and the result
+        # payload is read for the final top k alone (payload reads cost per point, metadata included).
+        slim = rerank_k > k
+        keys = [TOKENS_KEY] if slim else [TOKENS_KEY, *RESULT_PAYLOAD_KEYS] if rerank_k else list(RESULT_PAYLOAD_KEYS)
         hits = self.store.query(self.collection, vector.tolist(), limit, keys, filter=filter)
         clock.lap("ann_fetch")
         results = [_result(h, float(h.score)) for h in hits]
         if rerank_k and results:
             self._rerank(query, results, [h.payload.get(TOKENS_KEY) for h in hits], clock)
+        results = results[:k]
+        if slim and results:
+            self._attach_payload(results)
+            clock.lap("fetch_payload")
         clock.total()
-        return results[:k]
+        return results
+
+    def _attach_payload(self, results: list[SearchResult]) -> None:
+        """Fill page_content / metadata / path of the final hits with one retrieve call."""
+        found = {h.id: h.payload for h in self.store.retrieve(self.collection, [r.id for r in results],
+                                                              list(RESULT_PAYLOAD_KEYS))}
+        for r in results:
+            payload = found.get(r.id)
+            if payload is None:  # deleted between the two calls: keep the hit, without its payload
+                continue
+            r.metadata = dict(payload.get("metadata") or {})
+            r.path = r.metadata.get("source")
+            r.page_content = str(payload.get("page_content", ""))
 
     def rerank_ids(
         self, query: str, ids: Sequence[Any], first_stage_scores: Sequence[float | None] | None = None

@@ -1,4 +1,5 @@
-"""Crash and resume through the real CLI in a subprocess (SIGKILL at three points, SIGINT), and store locking.
+"""Crash and resume through the real CLI in a subprocess (SIGKILL at three points, SIGINT), store locking, and
+server faults (timeouts, a dropped batch, an outage mid-ingest).
 
 Kill points are chosen without any hook in the library: the folder holds "marker" files (text named .jpg)
 at known places in walk order. The pipeline reports decode failures in walk order, after every batch before
@@ -212,3 +213,134 @@ def test_second_process_on_a_locked_store_gets_a_clear_error(tmp_path):
     assert msg.startswith("Error: store") and len(msg.splitlines()) == 1, msg
     assert f"already open by process {os.getpid()}" in msg and "--url" in msg and "QDRANT_URL" in msg
     assert "panic" not in msg.lower() and "Traceback" not in msg and run.stdout == ""
+
+
+# --------------------------------------------------------------------------- server faults
+# A real Qdrant server is needed for the retry-on-upsert cases (QDRANT_URL; skipped otherwise). The timeout case
+# needs none: a listening socket that never answers is a server that times out.
+
+
+@pytest.fixture
+def blackhole():
+    """A TCP port that accepts connections (kernel backlog) and never answers a byte."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.mark.parametrize("grpc", [pytest.param(True, marks=pytest.mark.slow), False], ids=["grpc", "rest"])
+def test_server_timeouts_are_retried_with_backoff_then_a_clear_error(blackhole, grpc, caplog):
+    import logging
+    import warnings
+
+    from qdrant_client import QdrantClient
+
+    from edje_qdrant.errors import StoreError
+    from edje_qdrant.store import ClientStore
+    from edje_qdrant.store.base import CollectionSpec
+
+    url = f"http://127.0.0.1:{blackhole}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        client = QdrantClient(url=url, grpc_port=blackhole, prefer_grpc=grpc, timeout=1, api_key="tmo-key-0577")
+        store = ClientStore(client, url=url, retries=3, backoff_s=0.2)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="edje_qdrant"), pytest.raises(StoreError) as err:
+            store.open_collection("photos", CollectionSpec(8, "m", "m/1", "c"))
+        elapsed = time.monotonic() - t0
+        store.close()
+    msg = str(err.value)
+    assert f"127.0.0.1:{blackhole} is unreachable" in msg and "failed 3 times" in msg and "QDRANT_URL" in msg
+    assert "tmo-key-0577" not in msg and "tmo-key-0577" not in caplog.text
+    delays = [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records if "retry" in r.getMessage()]
+    assert delays == ["0.20s", "0.40s"]  # exponential backoff between the 3 attempts
+    assert 0.6 <= elapsed < 60  # 3 timed-out attempts + 0.6 s of backoff, then it gives up
+
+
+class FlakyUpserts:
+    """A real QdrantClient whose upsert fails once, transiently, on the ``fail_on``-th call (a dropped batch)."""
+
+    def __init__(self, client, fail_on: int) -> None:
+        self._client_obj, self.fail_on, self.calls = client, fail_on, 0
+
+    def __getattr__(self, name):
+        return getattr(self._client_obj, name)
+
+    def upsert(self, *args, **kwargs):
+        from qdrant_client.http.exceptions import ResponseHandlingException
+
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise ResponseHandlingException(ConnectionError("connection reset by peer (injected)"))
+        return self._client_obj.upsert(*args, **kwargs)
+
+
+@pytest.fixture
+def server_client():
+    url = os.environ.get("QDRANT_URL")
+    if not url:
+        pytest.skip("needs a real Qdrant server: set QDRANT_URL (and QDRANT_API_KEY if it has one)")
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"), prefer_grpc=True)
+    name = f"edjefault-{os.getpid()}-{int(time.time())}"
+    yield client, url, name
+    if client.collection_exists(name):
+        client.delete_collection(name)
+    client.close()
+
+
+@pytest.mark.server
+def test_partial_batch_failure_during_ingest_is_retried_and_nothing_is_lost(server_client, tmp_path, tiny_model,
+                                                                             caplog):
+    import logging
+
+    from edje_qdrant.ingest import ingest
+    from edje_qdrant.store import ClientStore
+
+    client, url, name = server_client
+    root = tmp_path / "imgs"
+    files = [g.make_image(root / f"{i:02d}.jpg", "JPEG", size=(32, 32), seed=400 + i) for i in range(10)]
+    flaky = FlakyUpserts(client, fail_on=3)  # batches 1-2 stored, the 3rd dropped once, then retried
+    store = ClientStore(flaky, url=url, batch_size=2, backoff_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="edje_qdrant"):
+        report = ingest(root, store, tiny_model, name, batch_size=4)
+    assert report.ingested == 10 and report.failed == 0
+    assert any("retry 1/" in r.getMessage() for r in caplog.records)
+    expected = {point_id(hashlib.sha256(p.read_bytes()).hexdigest()) for p in files}
+    assert store.count(name) == 10 and store.existing_ids(name, expected) == expected
+
+
+@pytest.mark.server
+def test_a_server_that_stays_down_mid_ingest_stops_with_a_clear_error_and_resumes(server_client, tmp_path,
+                                                                                 tiny_model):
+    from edje_qdrant.errors import StoreError
+    from edje_qdrant.ingest import ingest
+    from edje_qdrant.store import ClientStore
+
+    client, url, name = server_client
+    root = tmp_path / "imgs"
+    for i in range(12):
+        g.make_image(root / f"{i:02d}.jpg", "JPEG", size=(32, 32), seed=500 + i)
+
+    class Down(FlakyUpserts):
+        def upsert(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls >= self.fail_on:
+                from qdrant_client.http.exceptions import ResponseHandlingException
+
+                raise ResponseHandlingException(ConnectionError("connection refused (injected)"))
+            return self._client_obj.upsert(*args, **kwargs)
+
+    with pytest.raises(StoreError, match="unreachable"):
+        ingest(root, ClientStore(Down(client, fail_on=3), url=url, retries=2, backoff_s=0.01), tiny_model, name,
+               batch_size=4)
+    store = ClientStore(client, url=url)
+    stored = store.count(name)
+    assert stored == 8  # the two batches acknowledged before the outage
+    again = ingest(root, store, tiny_model, name, batch_size=4)
+    assert again.skipped_existing == 8 and again.ingested == 4 and store.count(name) == 12

@@ -155,7 +155,7 @@ def near_valid_records(draw):
     return rec
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(near_valid_records(), st.sampled_from([None, (8, 8), (1, 1)]))
 def test_structured_garbage_gives_codec_error_or_the_declared_array(record, expected_shape):
     blob = _blob(record)

@@ -117,7 +117,10 @@ class EdgeStore:
             if not create:
                 raise self._missing(name)
             cdir = self._dir(name)
-            cdir.mkdir(parents=True, exist_ok=True)
+            try:
+                cdir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create collection folder {cdir}: {e.strerror}; pass a writable --store") from e
             # Record first, shard second: a crash in between leaves a record with no shard, which
             # _load() turns into an empty shard, never a shard nobody can verify.
             _write_json_atomic(cdir / SPEC_FILE, {"format": _FORMAT, "vector": VECTOR_NAME, "distance": "cosine",

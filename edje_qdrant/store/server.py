@@ -7,6 +7,8 @@ with exponential backoff, then reported as a StoreError naming the URL (never th
 """
 from __future__ import annotations
 
+import re
+
 import json
 import logging
 import threading
@@ -318,9 +320,10 @@ def _describe(client: QdrantClient, url: str | None) -> str:
 def _strip_credentials(url: str) -> str:
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.username or parts.password:
+        has_credentials = bool(parts.username or parts.password)
+    except ValueError:  # unparsable: drop anything between "//" and "@", and any query string
+        return re.sub(r"//[^/@]*@", "//", url).split("?", 1)[0]
+    if has_credentials:
         host = parts.hostname or ""
         if parts.port:
             host = f"{host}:{parts.port}"
