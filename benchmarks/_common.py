@@ -196,6 +196,21 @@ def joint_encoder(num_layers: int = 6, num_tokens: int = 64, preset: Any | None 
     return model, what
 
 
+def scores_vary(reranker: Any, num_tokens: int = 64) -> bool:
+    """False when the joint encoder gives every candidate the same logit (e.g. a preset whose head is untrained)."""
+    with torch.inference_mode():
+        t = torch.from_numpy(realistic_tokens(8, num_tokens, seed=99)).float().to(reranker.device)
+        return float(reranker.score(QUERY, t).std()) > 0.0
+
+
+def accuracy_encoder(reranker: Any, what: str, num_tokens: int = 64) -> tuple[Any, str]:
+    """The encoder to judge precision errors on: ``reranker`` unless its logits are constant, else the stand-in."""
+    if scores_vary(reranker, num_tokens):
+        return reranker, what
+    stand_in, what_s = joint_encoder(6, num_tokens)
+    return stand_in, f"{what_s} (the {what} logits are constant on these inputs: untrained head)"
+
+
 def realistic_tokens(n: int, num_tokens: int = 64, dim: int = 384, seed: int = 0) -> np.ndarray:
     """float16 [n, m, d] tokens with the scale of BERT word embeddings (std ~0.05), distinct per candidate."""
     rng = np.random.default_rng(seed)

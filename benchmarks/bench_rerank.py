@@ -17,7 +17,7 @@ import torch
 
 import _common as C
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.models.reranker import quantize_int8, trim_padding
+from edje_qdrant.models.reranker import trim_padding
 
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -42,7 +42,10 @@ def precision_grid(quick: bool, preset: Any) -> tuple[list[list[Any]], dict[str,
     for m in ms:
         reranker, what = C.joint_encoder(6, m, preset)
         models = {p: _model(reranker, p) for p in CPU_PRECISIONS}
+        acc_reranker, acc_what = C.accuracy_encoder(reranker, what, m)
+        acc_models = models if acc_reranker is reranker else {p: _model(acc_reranker, p) for p in CPU_PRECISIONS}
         summary.setdefault("models", {})[m] = what
+        summary.setdefault("accuracy_models", {})[m] = acc_what
         for words in texts:
             q = caption(words)
             n_text = reranker.tokenizer.encode(q).input_ids.shape[1] - m - 3
@@ -61,18 +64,22 @@ def precision_grid(quick: bool, preset: Any) -> tuple[list[list[Any]], dict[str,
                     fns[p] = (lambda mod: lambda: mod.rerank(q, tokens))(models[p])
                 if not fns:
                     continue
-                times = C.measure_interleaved(fns, reps=3 if k <= 100 else 1, warmup=1 if k <= 100 else 0,
-                                              budget_s=3 * cap_s)
+                # k=10 warms each model up; bigger batches: no extra warm-up round (time budget)
+                times = C.measure_interleaved(fns, reps=3 if k <= 10 or quick else 2 if k <= 100 else 1,
+                                              warmup=1 if k <= 10 else 0, budget_s=3 * cap_s)
                 base_ms = C.median_ms(times["fp32"]) if "fp32" in times else None
                 for p, ts in times.items():
                     t = C.median_ms(ts)
                     rate[p] = 1000.0 * k / t
-                    logits = models[p].rerank(q, tokens)
-                    if p == "fp32":
+                    judge = k <= 10 or ((m, words) == (64, 12) and k <= 100)  # deviations cost forwards too
+                    logits = acc_models[p].rerank(q, tokens) if judge else None
+                    if logits is None:
+                        dev = agree = None
+                    elif p == "fp32":
                         ref_logits[k] = logits
                         dev = agree = None
                     else:
-                        ref = ref_logits.get(k)
+                        ref = ref_logits.get(k)  # noqa: the fp32 row of this k comes first
                         dev = None if ref is None else float(np.abs(logits - ref).max())
                         agree = None if ref is None else C.rank_agreement(ref, logits)
                     rows.append([m, n_text, k, p, t, rate[p], (base_ms / t) if base_ms else None, dev,
@@ -82,7 +89,7 @@ def precision_grid(quick: bool, preset: Any) -> tuple[list[list[Any]], dict[str,
                         summary[f"ms_{p}"] = t
                         summary[f"dev_{p}"] = dev
                         summary[f"agree_{p}"] = agree
-                        if p == "fp32":
+                        if p == "fp32" and logits is not None:
                             summary["spread_fp32"] = float(np.std(logits))
     return rows, summary
 
@@ -110,73 +117,64 @@ def compat_check() -> dict[str, Any] | None:
     return out
 
 
-def fast_paths(quick: bool, preset: Any) -> list[list[Any]]:
-    """Each fast path on vs off at m=64, a 12-wordpiece query, fp32 (ratios from the same run)."""
-    k = 16 if quick else 50
-    reps = 3 if quick else 5
-    r, _ = C.joint_encoder(6, 64, preset)
-    q = C.QUERY
+def fast_paths(quick: bool, preset: Any) -> tuple[list[list[Any]], str]:
+    """Each fast path on vs off at m=64, a 12-wordpiece query, fp32 (ratios from the same run, interleaved).
+    Timings on the benchmark model; the logit deviation on the accuracy encoder (see ``C.accuracy_encoder``)."""
+    k = 16 if quick else 32
+    reps = 3
+    r, what = C.joint_encoder(6, 64, preset)
+    ra, what_acc = C.accuracy_encoder(r, what, 64)
+    q, q2 = C.QUERY, "two children play football on a sandy beach near the sea"
     tokens = torch.from_numpy(C.realistic_tokens(2 * k, 64, seed=7)).float()
-    one = tokens[:k]
+    one, two = tokens[:k], tokens[k:]
     enc = r.tokenizer.encode(q)
-    rows = []
-
-    def pair(name: str, slow: Any, fast: Any, check: Any = None) -> None:
-        with torch.inference_mode():
-            ts, tf = C.measure_pair(slow, fast, reps=reps, budget_s=40)
-            dev = check() if check else None
-        rows.append([name, C.median_ms(ts), C.median_ms(tf), C.median_ms(ts) / C.median_ms(tf), dev])
-
-    # one tokenized query broadcast vs one caption row per candidate (tokenize k times, k embedding rows)
-    pair("query broadcast (vs per-row captions)", lambda: r.score([q] * k, one), lambda: r.score(q, one),
-         lambda: float((r.score([q] * k, one) - r.score(q, one)).abs().max()))
-    # [CLS]-only last layer vs the full last layer
-    full = lambda: r.forward(enc.input_ids, enc.token_type_ids, enc.attention_mask, one)  # noqa: E731
-    pair("[CLS]-only last layer (vs full)", full, lambda: r.score(q, one),
-         lambda: float((full() - r.score(q, one)).abs().max()))
-    # trimmed vs untrimmed right padding (mixed caption lengths padded to max_length, as a token cache gives)
     caps = [caption(12 if i % 4 else 30) for i in range(k)]
     e = r.tokenizer.encode(caps)
     pad = r.tokenizer.max_length - e.input_ids.shape[1]
-    padded = [torch.nn.functional.pad(t, (0, pad), value=v) for t, v in
-              ((e.input_ids, 0), (e.token_type_ids, 0), (e.attention_mask, 0))]
-    untrimmed = lambda: r.head_logits(r.encode(*padded, one))  # noqa: E731
-    trimmed = lambda: r.head_logits(r.encode(*trim_padding(*padded), one))  # noqa: E731
-    pair("trim padding (vs padded to 128)", untrimmed, trimmed,
-         lambda: float((untrimmed() - trimmed()).abs().max()))
-    # SDPA vs eager attention (full forward)
-    def eager():
-        r.bert.config._attn_implementation = "eager"
+    padded = [torch.nn.functional.pad(t, (0, pad)) for t in (e.input_ids, e.token_type_ids, e.attention_mask)]
+
+    def full(m: Any) -> Any:
+        return m.forward(enc.input_ids, enc.token_type_ids, enc.attention_mask, one)
+
+    def eager(m: Any) -> Any:
+        m.bert.config._attn_implementation = "eager"
         try:
-            return full()
+            return full(m)
         finally:
-            r.bert.config._attn_implementation = "sdpa"
-    pair("SDPA attention (vs eager)", eager, full, lambda: float((eager() - full()).abs().max()))
-    # inference_mode vs no_grad
-    def nograd():
+            m.bert.config._attn_implementation = "sdpa"
+
+    def nograd(m: Any) -> Any:
         with torch.no_grad():
-            return r.score(q, one)
-    rows.append(["inference_mode (vs no_grad)", *_two(nograd, lambda: r.score(q, one), reps), None])
-    # micro-batching two concurrent queries into one forward vs two forwards
-    q2 = "two children play football on a sandy beach near the sea"
-    two = tokens[k:]
-    def separate():
-        r.score(q, one)
-        r.score(q2, two)
-    def merged():
-        r.score([q] * k + [q2] * k, tokens)
-    pair("micro-batch 2 queries (vs 2 forwards)", separate, merged,
-         lambda: float((torch.cat([r.score(q, one), r.score(q2, two)]) - r.score([q] * k + [q2] * k, tokens))
-                       .abs().max()))
-    return rows
+            return m.score(q, one)
 
+    def separate(m: Any) -> Any:
+        return torch.cat([m.score(q, one), m.score(q2, two)])
 
-def _two(slow: Any, fast: Any, reps: int) -> list[float]:
-    def fast_im() -> Any:
+    cases = [  # name, off, on
+        ("query broadcast (vs per-row captions)", lambda m: m.score([q] * k, one), lambda m: m.score(q, one)),
+        ("[CLS]-only last layer (vs full)", full, lambda m: m.score(q, one)),
+        ("trim padding (vs padded to 128)", lambda m: m.head_logits(m.encode(*padded, one)),
+         lambda m: m.head_logits(m.encode(*trim_padding(*padded), one))),
+        ("SDPA attention (vs eager)", eager, full),
+        ("inference_mode (vs no_grad)", nograd, lambda m: m.score(q, one)),
+        ("micro-batch 2 queries (vs 2 forwards)", separate, lambda m: m.score([q] * k + [q2] * k, tokens)),
+    ]
+    rows = []
+    for name, off, on in cases:
+        def on_im(f: Any = on) -> Any:
+            with torch.inference_mode():
+                return f(r)
+        off_r = (lambda f=off: f(r)) if off is nograd else (lambda f=off: _im(f, r))
+        ts, tf = C.measure_pair(off_r, on_im, reps=reps, budget_s=40)
         with torch.inference_mode():
-            return fast()
-    ts, tf = C.measure_pair(slow, fast_im, reps=reps, budget_s=40)
-    return [C.median_ms(ts), C.median_ms(tf), C.median_ms(ts) / C.median_ms(tf)]
+            dev = None if off is nograd else float((off(ra) - on(ra)).abs().max())
+        rows.append([name, C.median_ms(ts), C.median_ms(tf), C.median_ms(ts) / C.median_ms(tf), dev])
+    return rows, f"timings: {what}; deviations: {what_acc}"
+
+
+def _im(f: Any, m: Any) -> Any:
+    with torch.inference_mode():
+        return f(m)
 
 
 def gpu_throughput(quick: bool) -> tuple[list[list[Any]], float | None]:
@@ -208,7 +206,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     torch.set_grad_enabled(False)
     rows, summary = precision_grid(quick, preset)
     compat = compat_check()
-    note = [f"model: {summary['models']}", "speed-up = fp32 time / this time, same run; dev = max |logit - fp32 "
+    note = [f"model (timings): {summary['models']}", f"model (deviations): {summary['accuracy_models']}",
+            "speed-up = fp32 time / this time, same run; dev = max |logit - fp32 "
             "logit| on the same pairs; agreement of the candidate order with fp32 (top-1 equal, top-10 overlap, "
             f"Spearman rho); fp32 logit std over candidates {summary.get('spread_fp32', 0):.3g}"]
     if compat:
@@ -224,13 +223,13 @@ def run(quick: bool = False) -> dict[str, Any]:
         for p in ("fp32", "int8"):
             m = _model(r12, p)
             tok = C.realistic_tokens(100, 64, seed=3)
-            t = C.median_ms(C.measure(lambda: m.rerank(C.QUERY, tok), reps=2, budget_s=20))
+            t = C.median_ms(C.measure(lambda: m.rerank(C.QUERY, tok), reps=1, budget_s=20))
             l12.append([p, 100, t, 100000.0 / t])
         C.table("Paper configuration on CPU (MiniLM-L12 shape, m=64, 12 wordpieces)",
                 ["precision", "rerank_k", "ms (median)", "pairs/s"], l12, f"model: {what12}")
-    fp = fast_paths(quick, preset)
+    fp, fp_note = fast_paths(quick, preset)
     C.table("Fast paths (CPU fp32, m=64, 12-wordpiece query; ratio = off / on, same run)",
-            ["fast path", "off ms", "on ms", "speed-up", "max |logit dev|"], fp)
+            ["fast path", "off ms", "on ms", "speed-up", "max |logit dev|"], fp, fp_note)
     gpu_rows, gpu_rate = gpu_throughput(quick)
     if gpu_rows:
         C.table("GPU joint encoder (MiniLM-L12 shape, m=64, 61 wordpieces, pinned host tokens)",

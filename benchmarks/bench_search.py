@@ -66,6 +66,31 @@ def build_collection(store: EdgeStore, name: str, n: int, model: EdjeModel, dtyp
     return time.perf_counter() - t0
 
 
+def concurrency(store: EdgeStore, model: EdjeModel, queries: list[str], rerank_k: int) -> list[list[Any]]:
+    """Four threads search at once (Retriever with micro_batch off / on), plus one lone search each way."""
+    import threading
+
+    rows = []
+    for flag in (False, True):
+        r = Retriever(store, "bench", model, micro_batch=flag)
+        r.search(queries[0], k=10, rerank_k=rerank_k)
+        lone = C.median_ms(C.measure(lambda: r.search(queries[1], k=10, rerank_k=rerank_k), warmup=0, reps=2))
+        walls = []
+        for _ in range(2):
+            threads = [threading.Thread(target=r.search, args=(q,), kwargs={"k": 10, "rerank_k": rerank_k})
+                       for q in queries]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            walls.append(time.perf_counter() - t0)
+        wall = C.median_ms(walls)
+        forwards = f"{r._batcher.forwards} for {r._batcher.requests}" if flag else "1 per search"
+        rows.append(["on" if flag else "off", rerank_k, wall, 1000.0 * len(queries) / wall, forwards, lone])
+    return rows
+
+
 def run(quick: bool = False, points: int | None = None, workdir: str | None = None) -> dict[str, Any]:
     torch.set_grad_enabled(False)
     n = points or (1000 if quick else 10_000)
@@ -115,6 +140,7 @@ def run(quick: bool = False, points: int | None = None, workdir: str | None = No
         ids = [h.id for h in hits]
         dec = C.median_ms(C.measure(lambda: decode_batch(blobs, ids, (model.num_tokens, model.token_dim)),
                                     warmup=2, reps=30, budget_s=5))
+        conc = concurrency(store, model, queries, 20 if quick else 50)
         store.close()
     C.table(f"Query latency breakdown (Edge store, {n:,} points, k=10, median ms)",
             ["rerank_k", "runs", "embed query", "ANN", "fetch blobs", "decode", "rerank", "top-k payload", "total",
@@ -124,8 +150,10 @@ def run(quick: bool = False, points: int | None = None, workdir: str | None = No
             f"fetch) = what fetching blobs + page_content + metadata of all rerank_k candidates in the ANN call "
             f"costs instead (the slim path off). decode_batch of 100 fp16 blobs alone: {dec:.2f} ms. Collection "
             f"built in {build_s:.1f} s.")
+    C.table("Concurrent searches, micro_batch off vs on (4 threads, one search each, k=10)",
+            ["micro_batch", "rerank_k", "wall ms (4 searches)", "searches/s", "forwards", "lone search ms"], conc)
     k100 = summary.get(100) or summary[max(summary)]
-    return {"search": summary, "points": n, "model_used": what, "decode_ms_100": dec,
+    return {"search": summary, "concurrency": conc, "points": n, "model_used": what, "decode_ms_100": dec,
             "fetch_decode_ms_k100": k100["fetch_decode"],
             "search_ms_p50_k100": k100["total"], "rerank_stage_ms_p50_k100": k100["rerank"]}
 

@@ -85,7 +85,10 @@ class Retriever:
         model: EdjeModel | str | None = None,
         *,
         device: str | None = None,
+        micro_batch: bool = False,
     ) -> None:
+        """``micro_batch``: re-rank calls of concurrent searches that queue up while a forward runs go through the
+        next forward together (more pairs per forward, higher throughput on a GPU); a lone search runs at once."""
         self.store = _as_store(store)
         self.collection = collection
         spec = self.store.get_spec(collection)
@@ -98,6 +101,7 @@ class Retriever:
         self.store.open_collection(collection, spec, create=False)
         self.spec = spec
         self._model_lock = threading.Lock()
+        self._batcher = _MicroBatcher(self.model, self._model_lock) if micro_batch else None
 
     def _check_model(self, spec: CollectionSpec) -> None:
         if spec.fingerprint != self.model.fingerprint:
@@ -219,8 +223,12 @@ class Retriever:
         clock.lap("decode")
         failures: dict[int, str] = {i: err.reason for i, err in bad.items()}
         if good:
-            with self._model_lock:
-                logits = self.model.rerank(query, tokens[good] if bad else tokens)
+            candidates = tokens[good] if bad else tokens
+            if self._batcher is not None:
+                logits = self._batcher.rerank(query, candidates)
+            else:
+                with self._model_lock:
+                    logits = self.model.rerank(query, candidates)
             w = float(getattr(self.model, "fusion_weight", 0.0))
             for i, logit in zip(good, logits.tolist()):
                 if np.isfinite(logit):
@@ -255,6 +263,74 @@ def canonical_id(point_id: Any) -> str:
         raise InputError(
             f"point id {point_id!r} is not a UUID string; only points of an edje-qdrant collection can be re-ranked"
         ) from None
+
+
+class _Request:
+    __slots__ = ("query", "tokens", "result", "error", "done")
+
+    def __init__(self, query: str, tokens: np.ndarray) -> None:
+        self.query, self.tokens = query, tokens
+        self.result: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class _MicroBatcher:
+    """Leader/follower micro-batching of rerank calls: the caller that finds no forward running leads; under the
+    model lock it takes every queued request and scores them in one forward (one caption per candidate row).
+    Callers that arrive meanwhile wait, and one of them leads the next forward. A lone call runs at once."""
+
+    def __init__(self, model: EdjeModel, model_lock: threading.Lock) -> None:
+        self.model = model
+        self.model_lock = model_lock
+        self.cond = threading.Condition()
+        self.pending: list[_Request] = []
+        self.leading = False
+        self.forwards = 0  # forwards run, and requests served (for tests / stats)
+        self.requests = 0
+
+    def rerank(self, query: str, tokens: np.ndarray) -> np.ndarray:
+        req = _Request(query, tokens)
+        with self.cond:
+            self.pending.append(req)
+            while self.leading and not req.done:
+                self.cond.wait()
+            if not req.done:
+                self.leading = True
+        if not req.done:
+            try:
+                with self.model_lock:
+                    with self.cond:
+                        batch, self.pending = self.pending, []
+                    self._run(batch)
+            finally:
+                with self.cond:
+                    self.leading = False
+                    self.cond.notify_all()
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def _run(self, batch: list[_Request]) -> None:
+        try:
+            if len(batch) == 1:
+                logits = self.model.rerank(batch[0].query, batch[0].tokens)
+            else:
+                captions = [r.query for r in batch for _ in range(len(r.tokens))]
+                logits = self.model.rerank(captions, np.concatenate([r.tokens for r in batch]))
+            start = 0
+            for r in batch:
+                r.result = logits[start:start + len(r.tokens)]
+                start += len(r.tokens)
+        except BaseException as exc:  # every waiting caller gets the error
+            for r in batch:
+                r.error = exc
+        finally:
+            self.forwards += 1
+            self.requests += len(batch)
+            for r in batch:
+                r.done = True
 
 
 class _Clock:

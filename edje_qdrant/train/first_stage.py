@@ -90,8 +90,8 @@ def evaluate_first_stage(model: FirstStage, data: CaptionSet, feats: torch.Tenso
 
 
 def train_first_stage(captions: str | Path, images: str | Path, out: str | Path, *,
-                      cache: str | Path | None = None, epochs: int = 3, batch_size: int = 256,
-                      lr: float = 5e-5, head_lr: float = 1e-3, train_layers: int = 6, clip_dim: int = 384,
+                      cache: str | Path | None = None, epochs: int = 8, batch_size: int = 256,
+                      lr: float = 1e-4, head_lr: float = 1e-3, train_layers: int = 2, clip_dim: int = 384,
                       device: str | None = None, precision: str = "auto", resume: bool = False,
                       checkpoint_every: int = 20, eval_split: str | None = "dev", seed: int = 0,
                       progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def train_first_stage(captions: str | Path, images: str | Path, out: str | Path,
     elapsed = time.time() - t0
     config: dict[str, Any] = {"clip_dim": clip_dim, "train_layers": train_layers, "steps": step,
                               "batch_size": batch_size, "epochs": epochs, "lr": lr, "head_lr": head_lr,
-                              "logit_scale": float(model.logit_scale.exp()), "train_seconds": round(elapsed, 1)}
+                              "logit_scale": float(model.logit_scale.detach().exp()), "train_seconds": round(elapsed, 1)}
     if eval_split:
         try:
             ev = caption_set(rows, eval_split)

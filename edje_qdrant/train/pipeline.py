@@ -69,7 +69,7 @@ class LazyTextEmbeddings:
 
 
 def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *, cache: str | Path | None = None,
-                   steps: int = 400, batch_size: int = 24, negatives: int = 3, mlm_weight: float = 0.5,
+                   steps: int = 250, batch_size: int = 16, negatives: int = 3, mlm_weight: float = 0.5,
                    recovery_weight: float = 0.5, residual: bool = True, num_tokens: int = 64,
                    device: str | None = None, precision: str = "auto", resume: bool = False,
                    progress: bool = True, **options: Any) -> dict[str, Any]:
