@@ -49,6 +49,7 @@ class EdjeModel:
     # "fp32" | "bf16" (autocast for the joint encoder / towers) | "int8" (CPU: the joint encoder's Linear layers
     # dynamically quantized to int8, everything else fp32; see reranker.quantize_int8)
     precision: str = "fp32"
+    fusion_weight: float = 0.0  # final score = rerank logit + fusion_weight * first-stage cosine
     _int8: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def _autocast(self):
