@@ -44,10 +44,10 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
            device: str | None, dtype: str, batch_size: int | None, workers: int | None,
            errors_file: Path | None, as_json: bool) -> None:
     """Ingest every image under FOLDER (recursive, resumable, idempotent)."""
-    from edje_qdrant.ingest import ingest as run_ingest
-    from edje_qdrant.models import load_model
+    try:  # Ctrl-C while the libraries or the model load: a clean exit too, nothing was written yet
+        from edje_qdrant.ingest import ingest as run_ingest
+        from edje_qdrant.models import load_model
 
-    try:  # Ctrl-C while the model loads: a clean exit too, nothing was written yet
         edje_model = load_model(model, device=device)  # first: a bad --model creates no store
     except KeyboardInterrupt:
         click.echo("interrupted before ingesting anything", err=True)
