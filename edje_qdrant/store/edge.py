@@ -25,7 +25,6 @@ import qdrant_edge as qe
 
 from edje_qdrant.errors import StoreError, StoreLockedError
 from edje_qdrant.store._common import (
-    clip_vector,
     VECTOR_NAME,
     canonical_id,
     canonical_ids,
@@ -33,6 +32,7 @@ from edje_qdrant.store._common import (
     check_limit,
     check_spec,
     check_vector,
+    clip_vector,
     payload_selector,
     verify_spec,
 )

@@ -21,7 +21,6 @@ from qdrant_client import QdrantClient, models
 
 from edje_qdrant.errors import EdjeError, InputError, StoreError
 from edje_qdrant.store._common import (
-    clip_vector,
     SPEC_KEY,
     VECTOR_NAME,
     canonical_ids,
@@ -30,6 +29,7 @@ from edje_qdrant.store._common import (
     check_limit,
     check_spec,
     check_vector,
+    clip_vector,
     payload_selector,
     verify_spec,
 )
