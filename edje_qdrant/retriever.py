@@ -134,7 +134,7 @@ class Retriever:
         # Re-ranking more candidates than it returns: the ANN call brings only the token blobs, and the result
         # payload is read for the final top k alone (payload reads cost per point, metadata included).
         slim = rerank_k > k
-        keys = [TOKENS_KEY] if slim else [TOKENS_KEY, *RESULT_PAYLOAD_KEYS] if rerank_k else list(RESULT_PAYLOAD_KEYS)
+        keys = ([TOKENS_KEY] if rerank_k else []) + ([] if slim else list(RESULT_PAYLOAD_KEYS))
         hits = self.store.query(self.collection, vector.tolist(), limit, keys, filter=filter)
         clock.lap("ann_fetch")
         results = [_result(h, float(h.score)) for h in hits]
@@ -152,12 +152,8 @@ class Retriever:
         found = {h.id: h.payload for h in self.store.retrieve(self.collection, [r.id for r in results],
                                                               list(RESULT_PAYLOAD_KEYS))}
         for r in results:
-            payload = found.get(r.id)
-            if payload is None:  # deleted between the two calls: keep the hit, without its payload
-                continue
-            r.metadata = dict(payload.get("metadata") or {})
-            r.path = r.metadata.get("source")
-            r.page_content = str(payload.get("page_content", ""))
+            if r.id in found:  # else deleted between the two calls: keep the hit, without its payload
+                _set_payload(r, found[r.id])
 
     def rerank_ids(
         self, query: str, ids: Sequence[Any], first_stage_scores: Sequence[float | None] | None = None
@@ -244,16 +240,17 @@ class Retriever:
 
 
 def _result(hit: Any, first_stage_score: float) -> SearchResult:
-    meta = dict(hit.payload.get("metadata") or {})
-    return SearchResult(
-        id=str(hit.id),
-        path=meta.get("source"),
-        score=first_stage_score,
-        first_stage_score=first_stage_score,
-        rerank_score=None,
-        page_content=str(hit.payload.get("page_content", "")),
-        metadata=meta,
-    )
+    result = SearchResult(id=str(hit.id), path=None, score=first_stage_score, first_stage_score=first_stage_score,
+                          rerank_score=None)
+    _set_payload(result, hit.payload)
+    return result
+
+
+def _set_payload(result: SearchResult, payload: dict[str, Any]) -> None:
+    """Fill path / page_content / metadata of a result from a point payload."""
+    result.metadata = dict(payload.get("metadata") or {})
+    result.path = result.metadata.get("source")
+    result.page_content = str(payload.get("page_content", ""))
 
 
 def canonical_id(point_id: Any) -> str:
