@@ -195,14 +195,28 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
 @click.option("--device", envvar="EDJE_DEVICE", show_envvar=True, default=None, help="torch device.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Reranker: override one training option (e.g. mining=global, lr=1e-4, mlm_weight=0); "
+                   "repeatable. Options are the fields of edje_qdrant.train.edje.EdjeTrainOptions.")
 @library_errors
 def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, steps: int, batch_size: int | None,
           time_limit: float | None, cache: Path | None, export_to: Path | None, device: str | None,
-          precision: str, resume: bool) -> None:
+          precision: str, resume: bool, settings: tuple[str, ...]) -> None:
     """Train the offline model on captioned images (resumable; checkpoints in --out)."""
     from edje_qdrant.errors import InputError
     from edje_qdrant.train import export_preset, train_first_stage, train_reranker
 
+    if settings and stage != "reranker":
+        raise InputError("--set applies to --stage reranker only")
+    options = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except ValueError:
+            options[key.strip()] = raw
     sized = {"batch_size": batch_size} if batch_size else {}
     if stage == "first":
         result = train_first_stage(captions, images, out, cache=cache, epochs=epochs, device=device,
@@ -210,7 +224,7 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, step
     elif stage == "reranker":
         limit = {"time_limit_s": time_limit} if time_limit else {}
         result = train_reranker(captions, images, out, cache=cache, steps=steps, device=device,
-                                precision=precision, resume=resume, **sized, **limit)
+                                precision=precision, resume=resume, **sized, **limit, **options)
     else:
         if export_to is None:
             raise InputError("--stage export needs --export-to FOLDER")

@@ -148,3 +148,21 @@ def test_convert_official_compat_weights_then_load_and_score(tmp_path):
     tokens = model.reranker.compress(inputs).detach()
     logits = model.rerank([c["caption"] for c in cases], tokens[[c["vision_index"] for c in cases]])
     assert abs(logits - expected["logits"].numpy()).max() < 1e-5
+
+
+@pytest.mark.parametrize("stage, setting, expected", [
+    ("reranker", "bogus=1", "unknown reranker training options ['bogus']"),
+    ("reranker", "lr=fast", "lr='fast': expected float"),
+    ("reranker", "mining=sideways", "mining must be one of"),
+    ("reranker", "novalue", "--set expects KEY=VALUE"),
+    ("first", "lr=0.1", "--set applies to --stage reranker only"),
+])
+def test_train_set_rejects_bad_options_before_any_work(tmp_path, stage, setting, expected):
+    tsv = tmp_path / "captions.tsv"
+    tsv.write_text("image\tcaption_idx\tsplit\tcaption\na.jpg\t0\ttrain\ta dog\n")
+    (tmp_path / "images").mkdir()
+    r = _cli("train", "--captions", str(tsv), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
+             "--stage", stage, "--set", setting)
+    assert r.exit_code != 0
+    assert expected in r.output
+    assert not (tmp_path / "out").exists()

@@ -95,3 +95,33 @@ def test_first_stage_resume_on_real_images(tmp_path):
     assert cfg["steps"] == 3 and state["step"] == 3 and state["epoch"] == 1
     assert all(float(s["step"]) == 3.0 for s in state["optimizer"]["state"].values())
     assert (tmp_path / "out" / "first_stage.safetensors").is_file()
+
+
+@needs_minilm
+def test_adapter_warmup_trains_only_the_adapter_then_itm_global_mining(tmp_path):
+    data, patches_of, fs_text, fs_image = _tiny_data()
+    opts = EdjeTrainOptions(steps=1, batch_size=4, negatives_t2i=2, negatives_i2t=2, checkpoint_every=1,
+                            warmup=1, adapter_warmup_steps=1, adapter_warmup_batch=6, mining="global",
+                            negative_pool=3, head_init_std=0.02, mlm_weight=0.0)
+    train_edje(data, patches_of, fs_text, fs_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
+               progress=False)
+    after_warmup = ckpt.load_checkpoint(tmp_path / "reranker.ckpt")
+    hist = after_warmup["extra"]["history"]
+    assert "warmup_nce" in hist and "itm_t2i" not in hist
+    m1 = after_warmup["model"]
+    opts.steps = 2
+    train_edje(data, patches_of, fs_text, fs_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
+               progress=False, resume=True)
+    m2 = ckpt.load_checkpoint(tmp_path / "reranker.ckpt")["model"]
+    layer = "reranker.bert.encoder.layer.0.attention.self.query.weight"
+    # the warm-up step left the encoder and head alone; the ITM step (global negatives) moved them
+    from edje_qdrant.models.flickr8k_preset import init_from_minilm, reranker_config
+    from edje_qdrant.models.reranker import EdjeReranker
+
+    fresh = EdjeReranker(reranker_config())
+    init_from_minilm(fresh)
+    key = layer.removeprefix("reranker.")
+    assert torch.equal(m1[layer], fresh.state_dict()[key])
+    assert not torch.equal(m2[layer], m1[layer])
+    assert not torch.equal(m2["reranker.head.1.weight"], m1["reranker.head.1.weight"])
+    assert "itm_t2i" in ckpt.load_checkpoint(tmp_path / "reranker.ckpt")["extra"]["history"]

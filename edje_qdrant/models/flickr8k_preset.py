@@ -26,10 +26,14 @@ TRAINED_FILE = "trained.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def reranker_config(num_tokens: int = 64, adapter_hidden: int = 1536, mlm_head: bool = False) -> RerankerConfig:
-    """Joint encoder shaped like MiniLM-L6 (384 wide, 6 layers, 12 heads) over DINOv2-S tokens."""
+def reranker_config(num_tokens: int = 64, adapter_hidden: int = 1536, mlm_head: bool = False,
+                    num_layers: int = 6) -> RerankerConfig:
+    """Joint encoder shaped like MiniLM-L6 (384 wide, 12 heads; its first ``num_layers`` of 6 layers) over
+    DINOv2-S tokens."""
+    if not 1 <= num_layers <= 6:
+        raise ModelError(f"num_layers must be 1..6 (MiniLM-L6 has 6 layers), got {num_layers}")
     return RerankerConfig(vision_width=dinov2.WIDTH, vision_heads=6, num_tokens=num_tokens,
-                          adapter_hidden=adapter_hidden, hidden_size=384, num_layers=6, num_heads=12,
+                          adapter_hidden=adapter_hidden, hidden_size=384, num_layers=num_layers, num_heads=12,
                           intermediate_size=1536, vocab_size=30523, max_text_tokens=64, mlm_head=mlm_head)
 
 

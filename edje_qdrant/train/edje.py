@@ -1,12 +1,15 @@
 """EDJE reranker training over cached DINOv2 tokens, on top of a trained first stage.
 
-Per step a batch of B training images with one caption each is drawn. The first stage's similarity S [B, B]
-mines hard negatives inside the batch (excluding the same image and textually identical captions). Losses:
+Each step draws B training images with one caption each (the anchors). Hard negatives come from the first
+stage's similarity, excluding the same image and textually identical captions, either inside the batch
+(``mining="in_batch"``) or over the whole training split (``mining="global"``, the candidates a real query
+re-ranks). Losses:
 
 * ITM, listwise: softmax cross-entropy over [positive, k hard negatives] per caption (images) and per image
   (captions). With ``residual=True`` the trained score is ``alpha * S + edje_logit`` where ``alpha`` is the first
-  stage's logit scale and the head's last layer starts at zero, so step 0 ranks exactly like the first stage and
-  training only learns a correction (retrieval fuses with weight ``alpha`` the same way).
+  stage's logit scale, so training learns a correction on top of the first stage (retrieval fuses with weight
+  ``alpha`` the same way). ``head_init_std=0`` zeroes the head's last layer: step 0 then ranks exactly like the
+  first stage, but the encoder gets no gradient until the head has grown.
 * MLM on the caption (``mlm_prob`` of the words masked), conditioned on the positive image tokens.
 * Text-embedding recovery: joint encoder [CLS] of the caption alone, projected, pulled to the first-stage text
   embedding by 1 - cosine.
@@ -17,7 +20,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +31,17 @@ from torch import nn
 
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models.flickr8k_preset import init_from_minilm, reranker_config
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.reranker import EdjeReranker
 from edje_qdrant.train import checkpoint as ckpt
 from edje_qdrant.train.common import autocast, cosine_lr, pick_device, use_bf16
-from edje_qdrant.train.data import CaptionSet, caption_set
-from edje_qdrant.train.losses import (listwise_itm_loss, mask_tokens, mine_hard_negatives, mlm_loss,
-                                      negative_mask, text_recovery_loss)
+from edje_qdrant.train.data import CaptionSet
+from edje_qdrant.train.losses import (listwise_itm_loss, mask_tokens, mlm_loss, negative_mask,
+                                      sample_hard_negatives, text_recovery_loss)
 
 log = logging.getLogger(__name__)
 WEIGHTS = "reranker.safetensors"
 CONFIG = "reranker.json"
+MININGS = ("in_batch", "global")
 
 
 @dataclass
@@ -48,20 +52,33 @@ class EdjeTrainOptions:
     batch_size: int = 16
     negatives_t2i: int = 3
     negatives_i2t: int = 3
+    mining: str = "in_batch"  # where hard negatives come from: "in_batch" or "global" (whole training split)
+    negative_pool: int = 0  # draw the k negatives from this many hardest (0: the hardest k)
     lr: float = 5e-5
     adapter_lr: float = 3e-4
     head_lr: float = 1e-3
     warmup: int = 20
     residual: bool = True
+    head_init_std: float = 0.0
     mlm_weight: float = 0.5
     mlm_prob: float = 0.5
     mlm_fraction: float = 0.25  # share of the batch's captions that also get an MLM pass
     recovery_weight: float = 0.5
     adapter_hidden: int = 1536
     num_tokens: int = 64
+    num_layers: int = 6
+    adapter_init: str = "patch_keys"  # "patch_keys" (queries from real patch keys) or "prototypes"
+    adapter_warmup_steps: int = 0  # first steps train only the adapter, image tokens alone -> caption embedding
+    adapter_warmup_batch: int = 64
     checkpoint_every: int = 25
     seed: int = 0
     time_limit_s: float | None = None  # stop cleanly (checkpoint + weights) after this many seconds of this run
+
+    def __post_init__(self) -> None:
+        if self.adapter_init not in ("patch_keys", "prototypes"):
+            raise InputError(f"adapter_init must be 'patch_keys' or 'prototypes', got {self.adapter_init!r}")
+        if self.mining not in MININGS:
+            raise InputError(f"mining must be one of {MININGS}, got {self.mining!r}")
 
 
 @torch.no_grad()
@@ -76,6 +93,46 @@ def init_adapter_queries(model: EdjeReranker, patches: torch.Tensor, seed: int =
     model.adapter.query.copy_(model.adapter.key(flat[pick]).unsqueeze(0))
 
 
+@torch.no_grad()
+def init_adapter_prototypes(model: EdjeReranker, patches: torch.Tensor, seed: int = 0, sharpness: float = 2.0,
+                            out_norm: float = 1.0) -> None:
+    """Start the adapter as soft clustering of centred patch tokens around m prototypes.
+
+    DINOv2 patch tokens share a large common component, so a randomly initialised adapter emits m nearly equal
+    tokens, nearly equal across images too, and training then collapses them to one constant token the encoder
+    ignores (measured: within-image cosine 0.995, across images 0.99). Here keys/values are centred on the
+    sample mean, the m queries are random centred patches, the attention projections are scaled identities
+    (``sharpness`` sets how peaked attention starts), the MLP branch starts at zero and a random orthogonal-ish
+    projection maps to the joint width with token norm ``out_norm`` (word-embedding scale): tokens differ across
+    images (cosine ~0.26 between images at the same slot) and the encoder's [CLS] depends on the image.
+    """
+    a = model.adapter
+    g = torch.Generator().manual_seed(seed)
+    x = patches.reshape(-1, patches.shape[-1]).float()
+    d = x.shape[1]
+    mu = x.mean(0)
+    xc = x - mu
+    spread = xc.norm(dim=-1).mean()
+    head_dim = d // a.attention.num_heads
+    eye = torch.eye(d)
+    a.key.weight.copy_(eye)
+    a.key.bias.copy_(-mu)
+    a.value.weight.copy_(eye)
+    a.value.bias.copy_(-mu)
+    q_scale = sharpness * head_dim ** 0.5 * a.attention.num_heads / spread ** 2
+    a.attention.in_proj_weight.copy_(torch.cat([eye * q_scale, eye, eye]))
+    a.attention.in_proj_bias.zero_()
+    a.attention.out_proj.weight.copy_(eye)
+    a.attention.out_proj.bias.zero_()
+    pick = torch.randperm(x.shape[0], generator=g)[: model.num_tokens]
+    a.query.copy_(xc[pick].unsqueeze(0))
+    a.mlp.fc2.weight.zero_()
+    a.mlp.fc2.bias.zero_()
+    proj = torch.randn(a.projection.weight.shape, generator=g) / d ** 0.5
+    a.projection.weight.copy_(proj * 3.0 * out_norm / spread)
+    a.projection.bias.zero_()
+
+
 def trainable_reranker_state(model: EdjeReranker) -> dict[str, torch.Tensor]:
     """Reranker weights that training changes (no MLM head, no frozen word embeddings)."""
     frozen = {"bert.embeddings.word_embeddings.weight"}
@@ -83,45 +140,119 @@ def trainable_reranker_state(model: EdjeReranker) -> dict[str, torch.Tensor]:
             if not k.startswith("mlm.") and k not in frozen}
 
 
+@dataclass
+class StepGroups:
+    """One step's work: unique dataset captions/images and listwise groups over their positions.
+
+    ``t2i`` rows are (caption position, [positive image position, negative image positions...]); ``i2t`` rows
+    are (image position, [positive caption position, negatives...]); ``anchors`` are the positive pairs.
+    """
+
+    captions: list[int] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)
+    t2i: list[tuple[int, list[int]]] = field(default_factory=list)
+    i2t: list[tuple[int, list[int]]] = field(default_factory=list)
+    anchors: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _norm(text: str) -> str:
+    return text.strip().lower()
+
+
+class NegativeMiner:
+    """Builds ``StepGroups`` for anchor (image, caption) pairs from first-stage similarities."""
+
+    def __init__(self, data: CaptionSet) -> None:
+        self.data = data
+        self.per_image: list[list[int]] = [[] for _ in data.images]
+        self.same_text: dict[str, list[int]] = {}
+        for c, i in enumerate(data.caption_image):
+            self.per_image[i].append(c)
+            self.same_text.setdefault(_norm(data.captions[c]), []).append(c)
+
+    def in_batch(self, img: list[int], caps: list[int], fs_text: torch.Tensor, fs_image: torch.Tensor,
+                 k_t2i: int, k_i2t: int, pool: int, g: torch.Generator | None = None) -> StepGroups:
+        """Negatives among the batch's own images / captions; ``fs_*`` are the anchors' embeddings."""
+        d = self.data
+        ids = torch.tensor(img)
+        sim = (fs_text @ fs_image.t()).float()
+        allowed = negative_mask(ids, ids, [d.captions[c] for c in caps],
+                                [{d.captions[c] for c in self.per_image[i]} for i in img])
+        neg_t2i = sample_hard_negatives(sim, allowed, k_t2i, pool, g)
+        neg_i2t = sample_hard_negatives(sim.t(), allowed.t(), k_i2t, pool, g)
+        n = len(img)
+        return StepGroups(captions=list(caps), images=list(img),
+                          t2i=[(r, [r] + neg_t2i[r].tolist()) for r in range(n)],
+                          i2t=[(r, [r] + neg_i2t[r].tolist()) for r in range(n)],
+                          anchors=[(r, r) for r in range(n)])
+
+    def global_(self, img: list[int], caps: list[int], fs_text_all: torch.Tensor, fs_image_all: torch.Tensor,
+                k_t2i: int, k_i2t: int, pool: int, g: torch.Generator | None = None) -> StepGroups:
+        """Negatives over the whole split: the images / captions the first stage ranks highest."""
+        d = self.data
+        s_t2i = (fs_text_all[caps] @ fs_image_all.t()).float()  # [B, I]
+        ok_t2i = torch.ones_like(s_t2i, dtype=torch.bool)
+        s_i2t = (fs_image_all[img] @ fs_text_all.t()).float()  # [B, C]
+        ok_i2t = torch.ones_like(s_i2t, dtype=torch.bool)
+        for r, (i, c) in enumerate(zip(img, caps)):
+            ok_t2i[r, i] = False
+            for twin in self.same_text[_norm(d.captions[c])]:
+                ok_t2i[r, d.caption_image[twin]] = False
+            for own in self.per_image[i]:
+                ok_i2t[r, self.same_text[_norm(d.captions[own])]] = False
+        neg_t2i = sample_hard_negatives(s_t2i, ok_t2i, k_t2i, pool, g).tolist()
+        neg_i2t = sample_hard_negatives(s_i2t, ok_i2t, k_i2t, pool, g).tolist()
+        groups = StepGroups()
+        img_pos: dict[int, int] = {}
+        cap_pos: dict[int, int] = {}
+
+        def ip(i: int) -> int:
+            if i not in img_pos:
+                img_pos[i] = len(groups.images)
+                groups.images.append(i)
+            return img_pos[i]
+
+        def cp(c: int) -> int:
+            if c not in cap_pos:
+                cap_pos[c] = len(groups.captions)
+                groups.captions.append(c)
+            return cap_pos[c]
+
+        for r, (i, c) in enumerate(zip(img, caps)):
+            groups.anchors.append((cp(c), ip(i)))
+        for r, (i, c) in enumerate(zip(img, caps)):
+            groups.t2i.append((cp(c), [ip(i)] + [ip(j) for j in neg_t2i[r]]))
+            groups.i2t.append((ip(i), [cp(c)] + [cp(j) for j in neg_i2t[r]]))
+        return groups
+
+
 class EdjeTrainer(nn.Module):
-    """Reranker + training-only heads (text-recovery projection); computes the losses of one batch."""
+    """Reranker + training-only heads (text-recovery projection); computes the losses of one step."""
 
     def __init__(self, reranker: EdjeReranker, clip_dim: int, alpha: float, opts: EdjeTrainOptions) -> None:
         super().__init__()
         self.reranker = reranker
         self.recover = nn.Linear(reranker.hidden_size, clip_dim)
+        self.image_proj = nn.Linear(reranker.hidden_size, clip_dim)
         self.alpha = float(alpha)
         self.opts = opts
         reranker.bert.embeddings.word_embeddings.weight.requires_grad_(False)
 
-    def losses(self, captions: list[str], caption_image: torch.Tensor, image_ids: torch.Tensor,
-               image_captions: list[set[str]], patches: torch.Tensor, fs_text: torch.Tensor,
+    def losses(self, groups: StepGroups, captions: list[str], patches: torch.Tensor, fs_text: torch.Tensor,
                fs_image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of a batch: captions [C] (caption c belongs to batch image ``caption_image[c]``), patch
-        tokens of the batch images [I, n, D], first-stage embeddings of captions [C, e] and images [I, e]."""
+        """Loss terms of one step: ``captions`` / ``patches`` [I, n, D] / first-stage embeddings ``fs_text``
+        [C, e] and ``fs_image`` [I, e] are aligned with ``groups.captions`` / ``groups.images``."""
         r = self.reranker
         o = self.opts
         dev = r.device
         sim = (fs_text @ fs_image.t()).float()  # [C, I]
-        allowed = negative_mask(image_ids[caption_image], image_ids, captions, image_captions)
-        neg_t2i = mine_hard_negatives(sim, allowed, o.negatives_t2i)  # [C, k] image columns
-        # image -> text: for image i, its caption is the one with caption_image == i (first one)
-        pos_caption = torch.full((len(image_ids),), -1, dtype=torch.long)
-        for c, i in enumerate(caption_image.tolist()):
-            if pos_caption[i] < 0:
-                pos_caption[i] = c
-        if bool((pos_caption < 0).any()):
-            raise InputError("every batch image needs one caption")
-        neg_i2t = mine_hard_negatives(sim.t(), allowed.t(), o.negatives_i2t)  # [I, k] caption rows
         pairs: dict[tuple[int, int], int] = {}
 
         def pid(c: int, i: int) -> int:
             return pairs.setdefault((c, i), len(pairs))
 
-        t2i_idx = [[pid(c, int(caption_image[c]))] + [pid(c, int(j)) for j in neg_t2i[c]]
-                   for c in range(len(captions))]
-        i2t_idx = [[pid(int(pos_caption[i]), i)] + [pid(int(c), i) for c in neg_i2t[i]]
-                   for i in range(len(image_ids))]
+        t2i_idx = [[pid(c, i) for i in imgs] for c, imgs in groups.t2i]
+        i2t_idx = [[pid(c, i) for c in caps] for i, caps in groups.i2t]
         pc = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         pi = torch.tensor([p[1] for p in pairs], dtype=torch.long)
 
@@ -132,33 +263,59 @@ class EdjeTrainer(nn.Module):
         if o.residual:
             score = score + self.alpha * sim[pc, pi].to(dev)
         out: dict[str, torch.Tensor] = {}
-        out["itm_t2i"] = listwise_itm_loss(score[torch.tensor(t2i_idx, device=dev)])
+        t2i = score[torch.tensor(t2i_idx, device=dev)]
+        out["itm_t2i"] = listwise_itm_loss(t2i)
         out["itm_i2t"] = listwise_itm_loss(score[torch.tensor(i2t_idx, device=dev)])
         with torch.no_grad():
-            out["acc_t2i"] = (score[torch.tensor(t2i_idx, device=dev)].argmax(1) == 0).float().mean()
+            out["acc_t2i"] = (t2i.argmax(1) == 0).float().mean()
+        anchor_c = torch.tensor([c for c, _ in groups.anchors], dtype=torch.long)
+        anchor_i = torch.tensor([i for _, i in groups.anchors], dtype=torch.long)
         if o.mlm_weight > 0 and r.mlm is not None:
-            n = max(1, int(round(o.mlm_fraction * len(captions))))
-            ids = enc.input_ids[:n].cpu()
-            special = (enc.token_type_ids[:n].cpu() == 1) | (enc.attention_mask[:n].cpu() == 0)
+            n = max(1, int(round(o.mlm_fraction * len(anchor_c))))
+            rows = anchor_c[:n]
+            ids = enc.input_ids[rows].cpu()
+            special = (enc.token_type_ids[rows].cpu() == 1) | (enc.attention_mask[rows].cpu() == 0)
             special |= (ids == 101) | (ids == 102)
             masked, labels = mask_tokens(ids, special, 103, o.mlm_prob, generator)
-            hidden = r.encode(masked.to(dev), enc.token_type_ids[:n], enc.attention_mask[:n],
-                              tokens[caption_image[:n].to(dev)])
+            hidden = r.encode(masked.to(dev), enc.token_type_ids[rows], enc.attention_mask[rows],
+                              tokens[anchor_i[:n].to(dev)])
             out["mlm"] = mlm_loss(r.mlm(hidden), labels.to(dev))
         if o.recovery_weight > 0:
             t = r.tokenizer.backend
+            texts = [captions[int(c)] for c in anchor_c]
             single = [e.ids[: e.type_ids.index(1) if 1 in e.type_ids else len(e.ids)]
-                      for e in t.encode_batch([(r.tokenizer.escape(c), "<image>") for c in captions])]
+                      for e in t.encode_batch([(r.tokenizer.escape(c), "<image>") for c in texts])]
             width = max(len(s) for s in single)
             ids = torch.tensor([s + [0] * (width - len(s)) for s in single], device=dev)
             mask = (torch.arange(width, device=dev).view(1, -1) < torch.tensor([len(s) for s in single],
                                                                               device=dev).view(-1, 1)).long()
             h = r.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-            out["recovery"] = text_recovery_loss(self.recover(h[:, 0].float()), fs_text.to(dev))
+            out["recovery"] = text_recovery_loss(self.recover(h[:, 0].float()), fs_text[anchor_c].to(dev))
         return out
+
+    def adapter_warmup_losses(self, patches: torch.Tensor, fs_text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Image tokens alone through the joint encoder, mean-pooled and projected, matched contrastively to the
+        first-stage embedding of one caption per image (``fs_text`` [B, e]); teaches the adapter to write tokens
+        the text encoder can read before ITM starts."""
+        r = self.reranker
+        dev = r.device
+        tokens = r.compress(patches.to(dev))  # [B, m, d]
+        b, m = tokens.shape[0], tokens.shape[1]
+        ids = torch.tensor([101] + [r.config.image_token_id] * m + [102], device=dev).expand(b, -1)
+        types = torch.ones_like(ids)
+        types[:, 0] = 0
+        hidden = r.encode(ids, types, torch.ones_like(ids), tokens)[:, 1:-1]
+        emb = F.normalize(self.image_proj(hidden.float().mean(1)), dim=-1)
+        target = F.normalize(fs_text.to(dev).float(), dim=-1)
+        logits = max(self.alpha, 10.0) * emb @ target.t()
+        labels = torch.arange(b, device=dev)
+        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+        return {"warmup_nce": loss, "warmup_acc": (logits.argmax(1) == labels).float().mean().detach()}
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         o = self.opts
+        if "warmup_nce" in parts:
+            return parts["warmup_nce"]
         loss = parts["itm_t2i"] + parts["itm_i2t"]
         if "mlm" in parts:
             loss = loss + o.mlm_weight * parts["mlm"]
@@ -174,7 +331,7 @@ def _param_groups(trainer: EdjeTrainer, o: EdjeTrainOptions) -> list[dict[str, A
             continue
         if name.startswith("reranker.adapter."):
             groups["adapter"].append(p)
-        elif name.startswith(("reranker.head.", "recover.", "reranker.mlm.")):
+        elif name.startswith(("reranker.head.", "recover.", "image_proj.", "reranker.mlm.")):
             groups["head"].append(p)
         else:
             groups["body"].append(p)
@@ -203,16 +360,23 @@ def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_imag
     random.seed(o.seed)
     np.random.seed(o.seed)
     if reranker is None:
-        reranker = EdjeReranker(reranker_config(o.num_tokens, o.adapter_hidden, mlm_head=o.mlm_weight > 0))
+        reranker = EdjeReranker(reranker_config(o.num_tokens, o.adapter_hidden, mlm_head=o.mlm_weight > 0,
+                                                num_layers=o.num_layers))
         init_from_minilm(reranker)
         sample = patches_of(list(range(min(32, len(data.images)))))
-        init_adapter_queries(reranker, sample, o.seed)
+        if o.adapter_init == "prototypes":
+            init_adapter_prototypes(reranker, sample, o.seed)
+        else:
+            init_adapter_queries(reranker, sample, o.seed)
+        if o.head_init_std > 0:
+            with torch.no_grad():
+                reranker.head[1].weight.normal_(0.0, o.head_init_std)
     trainer = EdjeTrainer(reranker, fs_text.shape[1], alpha, o).to(dev)
     opt = torch.optim.AdamW(_param_groups(trainer, o), weight_decay=0.01)
-    per_image: list[list[int]] = [[] for _ in data.images]
-    for c, i in enumerate(data.caption_image):
-        per_image[i].append(c)
-    caption_sets = [{data.captions[c] for c in cs} for cs in per_image]
+    miner = NegativeMiner(data)
+    per_image = miner.per_image
+    if o.mining == "global" and not isinstance(fs_text, torch.Tensor):
+        fs_text = fs_text[list(range(len(data.captions)))]
     step = 0
     ck_path = out / "reranker.ckpt"
     history: list[dict[str, float]] = []
@@ -247,21 +411,39 @@ def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_imag
             save()
             break
         gstep = torch.Generator().manual_seed(o.seed * 100003 + step)
-        img = torch.randperm(n_img, generator=gstep)[: o.batch_size]
+        warming = step < o.adapter_warmup_steps
+        img = torch.randperm(n_img, generator=gstep)[: o.adapter_warmup_batch if warming else o.batch_size]
         caps_idx = [per_image[int(i)][int(torch.randint(len(per_image[int(i)]), (1,), generator=gstep))]
                     for i in img]
-        captions = [data.captions[c] for c in caps_idx]
+        if warming:
+            groups = StepGroups(captions=caps_idx, images=img.tolist())
+        elif o.mining == "global":
+            groups = miner.global_(img.tolist(), caps_idx, fs_text, fs_image, o.negatives_t2i, o.negatives_i2t,
+                                   o.negative_pool, g)
+        else:
+            groups = miner.in_batch(img.tolist(), caps_idx, fs_text[caps_idx], fs_image[img], o.negatives_t2i,
+                                    o.negatives_i2t, o.negative_pool, g)
+        captions = [data.captions[c] for c in groups.captions]
         mult = cosine_lr(step, o.steps, o.warmup)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
         trainer.train()
         with autocast(dev, bf16):
-            parts = trainer.losses(captions, torch.arange(len(img)), img, [caption_sets[int(i)] for i in img],
-                                   patches_of(img.tolist()).float(), fs_text[caps_idx].to(dev),
-                                   fs_image[img].to(dev), generator=g)
+            if warming:
+                parts = trainer.adapter_warmup_losses(patches_of(groups.images).float(), fs_text[caps_idx])
+            else:
+                parts = trainer.losses(groups, captions, patches_of(groups.images).float(),
+                                       fs_text[groups.captions].to(dev), fs_image[groups.images].to(dev),
+                                       generator=g)
             loss = trainer.total(parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if warming:  # only the adapter and the image projection learn during the warm-up
+            for grp in opt.param_groups:
+                for p in grp["params"]:
+                    if grp["name"] == "body" or (grp["name"] == "head" and p is not trainer.image_proj.weight
+                                                  and p is not trainer.image_proj.bias):
+                        p.grad = None
         torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
         opt.step()
         step += 1
@@ -276,7 +458,7 @@ def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_imag
     elapsed = time.time() - t0
     save_file({k: v.contiguous() for k, v in trainable_reranker_state(reranker).items()}, str(out / WEIGHTS))
     config = {"options": asdict(o), "alpha": alpha, "steps": step, "finished": step >= o.steps, "train_seconds_this_run": round(elapsed, 1),
-              "reranker": reranker_config(o.num_tokens, o.adapter_hidden).to_dict(),
+              "reranker": reranker_config(o.num_tokens, o.adapter_hidden, num_layers=o.num_layers).to_dict(),
               "last_losses": history[-20:]}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config

@@ -49,6 +49,17 @@ def mine_hard_negatives(sim: torch.Tensor, allowed: torch.Tensor, k: int) -> tor
     return idx
 
 
+def sample_hard_negatives(sim: torch.Tensor, allowed: torch.Tensor, k: int, pool: int,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """``k`` columns per row drawn without replacement from its ``pool`` hardest allowed ones (pool <= k: the
+    hardest k, as ``mine_hard_negatives``). Drawing from a wider pool softens the damage of false negatives."""
+    if pool <= k:
+        return mine_hard_negatives(sim, allowed, k)
+    cand = mine_hard_negatives(sim, allowed, pool)  # [R, pool]
+    pick = torch.rand(cand.shape, generator=generator).argsort(dim=1)[:, :k]
+    return cand.gather(1, pick)
+
+
 def listwise_itm_loss(scores: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy over [positive, negatives...]: ``scores`` [R, 1+k], positive in column 0."""
     target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)

@@ -1,12 +1,12 @@
 """Glue of the two stages: first-stage embeddings for reranker training, and export of the preset folder."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from edje_qdrant.errors import ModelError
@@ -68,6 +68,51 @@ class LazyTextEmbeddings:
         return torch.stack([self.memo[int(i)] for i in idx])
 
 
+def all_text_embeddings(model: fs.FirstStage, texts: list[str], out: Path, device: torch.device, bf16: bool,
+                        progress: bool) -> torch.Tensor:
+    """First-stage embeddings of every caption, memoised in ``out`` next to the first-stage weights they
+    come from (recomputed when those weights or the captions change)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256((out / fs.WEIGHTS).read_bytes())
+    key.update("\n".join(texts).encode())
+    path = out / "first_stage_text.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            same = (fh.metadata() or {}).get("key") == key.hexdigest()
+        if same:
+            return load_file(str(path))["emb"]
+    emb = encode_texts(model, texts, device, bf16, progress=progress)
+    save_file({"emb": emb.contiguous()}, str(path), metadata={"key": key.hexdigest()})
+    return emb
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Unknown names and values of the wrong type fail before any work starts."""
+    fields = {f.name: f for f in dataclasses.fields(EdjeTrainOptions)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ModelError(f"unknown reranker training options {unknown}; known: {sorted(fields)}")
+    defaults = EdjeTrainOptions()
+    for key, value in options.items():
+        want = type(getattr(defaults, key))
+        if want is type(None):
+            ok = value is None or isinstance(value, (int, float))
+        elif want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif want is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, want)
+        if not ok:
+            raise ModelError(f"reranker training option {key}={value!r}: expected {want.__name__}")
+    dataclasses.replace(defaults, **options)  # value checks (e.g. mining) of EdjeTrainOptions
+
+
 def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *, cache: str | Path | None = None,
                    steps: int = 250, batch_size: int = 16, negatives: int = 3, mlm_weight: float = 0.5,
                    recovery_weight: float = 0.5, residual: bool = True, num_tokens: int = 64,
@@ -78,6 +123,7 @@ def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *,
     Writes ``out/reranker.safetensors`` + ``out/reranker.json``; resumable from ``out/reranker.ckpt``.
     Extra keyword ``options`` are ``EdjeTrainOptions`` fields (lr, adapter_lr, negatives_i2t, ...).
     """
+    _check_options(options)
     out = Path(out)
     dev = pick_device(device)
     bf16 = use_bf16(dev, precision)
@@ -86,7 +132,9 @@ def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *,
     train = caption_set(rows, "train")
     names, feats = fs._global_features(tc, folder)
     index = {n: i for i, n in enumerate(names)}
-    fs_text = LazyTextEmbeddings(model, train.captions, dev, bf16)
+    fs_text: Any = LazyTextEmbeddings(model, train.captions, dev, bf16)
+    if options.get("mining") == "global":
+        fs_text = all_text_embeddings(model, train.captions, out, dev, bf16, progress)
     with torch.no_grad():
         fs_image = model.image(feats[[index[n] for n in train.images]]).float()
     rows_of = [index[n] for n in train.images]
@@ -95,10 +143,6 @@ def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *,
         names_b = [names[rows_of[i]] for i in idx]
         return tc.rows(names_b)[:, 1:]
 
-    fields = EdjeTrainOptions.__dataclass_fields__
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise ModelError(f"unknown reranker training options {unknown}; known: {sorted(fields)}")
     opts = EdjeTrainOptions(steps=steps, batch_size=batch_size, negatives_t2i=negatives,
                             negatives_i2t=options.pop("negatives_i2t", negatives), mlm_weight=mlm_weight,
                             recovery_weight=recovery_weight, residual=residual, num_tokens=num_tokens, **options)
