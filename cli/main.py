@@ -213,6 +213,8 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, step
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.strip() in ("steps", "batch_size", "time_limit_s"):
+            raise InputError(f"--set {key.strip()}: use its own option (--steps, --batch-size, --time-limit)")
         try:
             options[key.strip()] = json.loads(raw)
         except ValueError:

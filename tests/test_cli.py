@@ -155,6 +155,7 @@ def test_convert_official_compat_weights_then_load_and_score(tmp_path):
     ("reranker", "lr=fast", "lr='fast': expected float"),
     ("reranker", "mining=sideways", "mining must be one of"),
     ("reranker", "novalue", "--set expects KEY=VALUE"),
+    ("reranker", "steps=5", "--set steps: use its own option"),
     ("first", "lr=0.1", "--set applies to --stage reranker only"),
 ])
 def test_train_set_rejects_bad_options_before_any_work(tmp_path, stage, setting, expected):
