@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,16 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_is_delivered():
+    """A runner started in the background (``nohup ... &``) inherits SIGINT as ignored, and so would every CLI
+    subprocess; the Ctrl-C tests need a real KeyboardInterrupt, so restore Python's handler (children exec'd
+    from here then start with the default disposition)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope="session")
