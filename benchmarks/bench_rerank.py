@@ -79,7 +79,7 @@ def precision_grid(quick: bool, preset: Any) -> tuple[list[list[Any]], dict[str,
                         ref_logits[k] = logits
                         dev = agree = None
                     else:
-                        ref = ref_logits.get(k)  # noqa: the fp32 row of this k comes first
+                        ref = ref_logits.get(k)  # the fp32 row of this k comes first
                         dev = None if ref is None else float(np.abs(logits - ref).max())
                         agree = None if ref is None else C.rank_agreement(ref, logits)
                     rows.append([m, n_text, k, p, t, rate[p], (base_ms / t) if base_ms else None, dev,
@@ -161,11 +161,8 @@ def fast_paths(quick: bool, preset: Any) -> tuple[list[list[Any]], str]:
     ]
     rows = []
     for name, off, on in cases:
-        def on_im(f: Any = on) -> Any:
-            with torch.inference_mode():
-                return f(r)
         off_r = (lambda f=off: f(r)) if off is nograd else (lambda f=off: _im(f, r))
-        ts, tf = C.measure_pair(off_r, on_im, reps=reps, budget_s=40)
+        ts, tf = C.measure_pair(off_r, lambda f=on: _im(f, r), reps=reps, budget_s=40)
         with torch.inference_mode():
             dev = None if off is nograd else float((off(ra) - on(ra)).abs().max())
         rows.append([name, C.median_ms(ts), C.median_ms(tf), C.median_ms(ts) / C.median_ms(tf), dev])

@@ -211,14 +211,15 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, step
     options = {}
     for item in settings:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        if key.strip() in ("steps", "batch_size", "time_limit_s"):
-            raise InputError(f"--set {key.strip()}: use its own option (--steps, --batch-size, --time-limit)")
+        if key in ("steps", "batch_size", "time_limit_s"):
+            raise InputError(f"--set {key}: use its own option (--steps, --batch-size, --time-limit)")
         try:
-            options[key.strip()] = json.loads(raw)
+            options[key] = json.loads(raw)
         except ValueError:
-            options[key.strip()] = raw
+            options[key] = raw
     sized = {"batch_size": batch_size} if batch_size else {}
     if stage == "first":
         result = train_first_stage(captions, images, out, cache=cache, epochs=epochs, device=device,

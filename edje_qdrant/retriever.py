@@ -28,8 +28,8 @@ RESULT_PAYLOAD_KEYS = ["page_content", "metadata"]
 
 @dataclass
 class SearchResult:
-    """One hit, best first. ``score`` is what the list is sorted by: the rerank logit (plus the model's
-    ``fusion_weight`` x first-stage score, when it has one), or the first-stage score when not re-ranked."""
+    """One hit, best first. ``score`` is what the list is sorted by: the rerank logit plus the model's
+    ``fusion_weight`` x first-stage score (0 for most models), or the first-stage score when not re-ranked."""
 
     id: str
     path: str | None
@@ -225,7 +225,7 @@ class Retriever:
             else:
                 with self._model_lock:
                     logits = self.model.rerank(query, candidates)
-            w = float(getattr(self.model, "fusion_weight", 0.0))
+            w = self.model.fusion_weight
             for i, logit in zip(good, logits.tolist()):
                 if np.isfinite(logit):
                     results[i].rerank_score = float(logit)
