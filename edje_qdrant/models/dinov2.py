@@ -170,11 +170,15 @@ class ImageProjection(nn.Module):
 class Dinov2VisionTower(nn.Module):
     """VisionTower: frozen DINOv2-S/14 + learned projection; 224 px -> (global, 256 patch tokens of 384)."""
 
-    def __init__(self, clip_dim: int = WIDTH, backbone: nn.Module | None = None) -> None:
+    def __init__(self, clip_dim: int = WIDTH, backbone: nn.Module | None = None,
+                 token_layers: tuple[int, ...] = (12,)) -> None:
         super().__init__()
         self.backbone = backbone if backbone is not None else load_backbone()
         self.head = ImageProjection(clip_dim)
         self.clip_dim = clip_dim
+        if not token_layers or any(not 1 <= k <= 12 for k in token_layers):
+            raise ModelError(f"token_layers must be DINOv2 layers 1..12, got {token_layers}")
+        self.token_layers = tuple(int(k) for k in token_layers)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess_image(image)
@@ -187,5 +191,16 @@ class Dinov2VisionTower(nn.Module):
             return self.backbone(pixel_values=pixels).last_hidden_state
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.hidden_states(pixels)
-        return self.head(global_feature(hidden)), hidden[:, 1:]
+        """-> (global [B, clip_dim], patch tokens [B, 256, 384 x len(token_layers)]: the listed layers, each
+        through the final LayerNorm, concatenated along features; the default is the last layer alone)."""
+        if self.token_layers == (12,):
+            hidden = self.hidden_states(pixels)
+            return self.head(global_feature(hidden)), hidden[:, 1:]
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ModelError(f"vision tower expects pixels [B, 3, H, W], got {tuple(pixels.shape)}")
+        with torch.no_grad():
+            states = self.backbone(pixel_values=pixels, output_hidden_states=True).hidden_states
+            norm = self.backbone.layernorm
+            last = norm(states[12])
+            patches = torch.cat([norm(states[k])[:, 1:] for k in self.token_layers], dim=-1)
+        return self.head(global_feature(last)), patches

@@ -19,6 +19,7 @@ from edje_qdrant.models import dinov2, minilm
 from edje_qdrant.models.base import EdjeModel
 from edje_qdrant.models.registry import PresetSpec, register_preset
 from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
 
 NAME = "flickr8k-dinov2s-minilm6"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / NAME
@@ -105,17 +106,22 @@ def build(spec: PresetSpec) -> EdjeModel:
     clip_dim = int(cfg.get("clip_dim", 384))
     text_layers = int(cfg.get("text_train_layers", 6))
     parts = split_trained(load_file(str(trained)))
-    vision = dinov2.Dinov2VisionTower(clip_dim)
+    vision = dinov2.Dinov2VisionTower(clip_dim, token_layers=tuple(cfg.get("token_layers", (12,))))
     text = minilm.MiniLMTextTower(clip_dim)
-    rcfg = RerankerConfig.from_dict(cfg["edje_reranker"])
-    reranker = EdjeReranker(rcfg)
-    init_from_minilm(reranker)
+    reranker: torch.nn.Module
+    if "split_reranker" in cfg:
+        reranker = SplitReranker(SplitRerankerConfig.from_dict(cfg["split_reranker"]))
+        frozen_reranker = {"text_bert."}
+    else:
+        reranker = EdjeReranker(RerankerConfig.from_dict(cfg["edje_reranker"]))
+        init_from_minilm(reranker)
+        frozen_reranker = {"bert.embeddings.word_embeddings.", "mlm."}
     load_part(vision, parts["vision"], f"{trained} (vision)", {"backbone."})
     n = len(text.bert.encoder.layer)
     frozen_text = {"bert.embeddings."} | {f"bert.encoder.layer.{i}." for i in range(n - text_layers)}
     frozen_text |= {"bert.pooler."}
     load_part(text, parts["text"], f"{trained} (text)", frozen_text)
-    load_part(reranker, parts["reranker"], f"{trained} (reranker)", {"bert.embeddings.word_embeddings.", "mlm."})
+    load_part(reranker, parts["reranker"], f"{trained} (reranker)", frozen_reranker)
     for module in (vision, text, reranker):
         module.eval()
     return EdjeModel(name=NAME, vision=vision, text=text, reranker=reranker, clip_dim=clip_dim, fingerprint="",

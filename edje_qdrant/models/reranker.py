@@ -230,7 +230,7 @@ class EdjeReranker(nn.Module):
         return self.head_logits(_cls_layer(layers[-1], h))
 
 
-def quantize_int8(reranker: EdjeReranker) -> EdjeReranker:
+def quantize_int8(reranker: nn.Module) -> nn.Module:
     """A CPU copy whose joint-encoder Linear layers are dynamically quantized to int8 (per-channel weights,
     activations quantized per batch). Embeddings, LayerNorms, attention maths and the head stay float32.
     Inference only; the original is left untouched."""
@@ -242,8 +242,12 @@ def quantize_int8(reranker: EdjeReranker) -> EdjeReranker:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         quantized = copy.deepcopy(reranker).to("cpu").eval()
-        quantized.bert.encoder = quantize_dynamic(quantized.bert.encoder, {nn.Linear: per_channel_dynamic_qconfig},
-                                                  dtype=torch.qint8)
+        if hasattr(quantized, "bert"):
+            quantized.bert.encoder = quantize_dynamic(quantized.bert.encoder,
+                                                      {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        else:  # split reranker: its joint layers
+            quantized.joint = quantize_dynamic(quantized.joint, {nn.Linear: per_channel_dynamic_qconfig},
+                                               dtype=torch.qint8)
     return quantized
 
 

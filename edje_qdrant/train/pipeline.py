@@ -192,3 +192,29 @@ def export_preset(out: str | Path, preset_dir: str | Path, metrics: dict[str, An
               "first_stage": {k: v for k, v in fs_cfg.items()}, "metrics": metrics or {}}
     (preset_dir / "config.json").write_text(json.dumps(config, indent=2))
     return preset_dir
+
+
+def export_split_preset(run: str | Path, preset_dir: str | Path, first_stage_from: str | Path,
+                        metrics: dict[str, Any] | None = None, version: int = 2) -> Path:
+    """Write a preset folder whose reranker is the split reranker trained in ``run`` and whose first stage
+    (tuned text layers, LiT heads, fusion weight) is copied from the preset folder ``first_stage_from``."""
+    from safetensors.torch import load_file, save_file
+
+    from edje_qdrant.models.flickr8k_preset import CONFIG_FILE, TRAINED_FILE
+    from edje_qdrant.train.split_reranker import CONFIG, WEIGHTS
+
+    run, preset_dir, source = Path(run), Path(preset_dir), Path(first_stage_from)
+    src_cfg = json.loads((source / CONFIG_FILE).read_text())
+    tensors = {k: v for k, v in load_file(str(source / TRAINED_FILE)).items() if not k.startswith("reranker.")}
+    tensors.update({"reranker." + k: v for k, v in load_file(str(run / WEIGHTS)).items()})
+    run_cfg = json.loads((run / CONFIG).read_text())
+    config = {k: v for k, v in src_cfg.items() if k not in ("edje_reranker", "metrics")}
+    config.update({"version": version, "split_reranker": run_cfg["reranker"],
+                   "token_layers": list(run_cfg["options"]["layers"]),
+                   "reranker_training": {k: run_cfg[k] for k in ("options", "steps", "train_seconds",
+                                                                   "pairs_per_second")},
+                   "metrics": metrics or {}})
+    preset_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(preset_dir / TRAINED_FILE))
+    (preset_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return preset_dir

@@ -96,3 +96,73 @@ def build_token_cache(images_dir: str | Path, names: list[str], out: str | Path,
             bar.close()
     del mm
     return TokenCache(out)
+
+
+def view_folder(root: str | Path, view: str, layer: int) -> Path:
+    """Folder of one (view, layer) token cache under ``root``: ``orig-L12``, ``flip-L9``, ..."""
+    return Path(root) / f"{view}-L{layer}"
+
+
+def build_view_caches(images_dir: str | Path, names: list[str], root: str | Path, layers: tuple[int, ...] = (12,),
+                      views: tuple[str, ...] = ("orig", "flip"), batch_size: int = 32, device: str = "cpu",
+                      bf16: bool = True, progress: bool = True) -> dict[tuple[str, int], TokenCache]:
+    """One DINOv2 pass per view fills a TokenCache per (view, layer); intermediate layers go through the final
+    LayerNorm like the last one. Views: ``orig`` and ``flip`` (horizontal mirror). Resumable per view."""
+    images_dir, root = Path(images_dir), Path(root)
+    unknown = [v for v in views if v not in ("orig", "flip")]
+    if unknown or not layers or any(not 1 <= k <= 12 for k in layers):
+        raise InputError(f"views must be orig/flip and layers 1..12, got views={views} layers={layers}")
+    backbone = None
+    out: dict[tuple[str, int], TokenCache] = {}
+    for view in views:
+        folders = [view_folder(root, view, k) for k in layers]
+        dones = []
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            names_file = folder / "images.txt"
+            if names_file.is_file() and names_file.read_text().split("\n")[: len(names)] != names:
+                raise InputError(f"token cache {folder} was built for another image list; use an empty folder")
+            names_file.write_text("\n".join(names) + "\n")
+            pf = folder / "progress.txt"
+            dones.append(int(pf.read_text().strip()) if pf.is_file() else 0)
+        done = min(dones)
+        maps = [np.memmap(f / "tokens.f16", dtype=np.float16, mode="r+" if (f / "tokens.f16").is_file() else "w+",
+                          shape=(len(names), ROWS, dinov2.WIDTH)) for f in folders]
+        if done < len(names):
+            backbone = backbone or dinov2.load_backbone(device)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=len(names), initial=done, desc=f"DINOv2 tokens ({view})", unit="img")
+            for start in range(done, len(names), batch_size):
+                chunk = names[start:start + batch_size]
+                pixels = []
+                for name in chunk:
+                    path = images_dir / name
+                    if not path.is_file():
+                        raise InputError(f"image {path} (listed in the captions file) does not exist")
+                    with Image.open(path) as im:
+                        im = im.convert("RGB")
+                        if view == "flip":
+                            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                        pixels.append(dinov2.preprocess_image(im))
+                x = torch.from_numpy(np.stack(pixels)).to(device)
+                with torch.no_grad(), torch.autocast(device_type=torch.device(device).type,
+                                                     dtype=torch.bfloat16, enabled=bf16):
+                    hs = backbone(pixel_values=x, output_hidden_states=True).hidden_states
+                    for mm, k in zip(maps, layers):
+                        h = backbone.layernorm(hs[k]) if k < 12 else backbone.layernorm(hs[12])
+                        mm[start:start + len(chunk)] = h.float().cpu().numpy().astype(np.float16)
+                for mm, folder in zip(maps, folders):
+                    mm.flush()
+                    tmp = folder / "progress.tmp"
+                    tmp.write_text(str(start + len(chunk)))
+                    os.replace(tmp, folder / "progress.txt")
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        del maps
+        for folder, k in zip(folders, layers):
+            out[(view, k)] = TokenCache(folder)
+    return out

@@ -1,0 +1,136 @@
+"""Ablation harness of the split reranker: train one recipe, score it on the dev split, append a JSON line.
+
+    python benchmarks/reranker_ablation.py --name base [--set token_dropout=0] [--k 20] [--out runs/ablations]
+
+Steps (each memoised in --out, so a run resumes and later runs reuse them): DINOv2 token caches of both views
+and the requested layers; cross-fitted first stages (same recipe as the shipped first stage); the reranker
+trained with the given options; dev recall at rerank_k=K with the shipped first stage as candidates, every dev
+caption and image, and a paired bootstrap 95 % interval for each R@1 difference. Training and dev tokens come
+from the cache (bf16 DINOv2); the product-path numbers of a preset come from ``edje-qdrant eval``.
+Needs ../shared/data/flickr8k (exits 0 with a message when absent).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> options (values parsed as JSON when they parse, else kept as strings)."""
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {p!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def dev_candidates(model, dev, names, token_root):
+    """Shipped first stage on dev: scaled similarity [C, I] and each caption's image column."""
+    from edje_qdrant.models import dinov2
+    from edje_qdrant.train.token_cache import TokenCache, view_folder
+
+    tc = TokenCache(view_folder(token_root, "orig", 12))
+    with torch.inference_mode():
+        feats = torch.cat([dinov2.global_feature(tc.rows(dev.images[i:i + 256]).float())
+                           for i in range(0, len(dev.images), 256)])
+        img = model.vision.head(feats)
+        txt = torch.cat([model.text.encode(dev.captions[i:i + 256]) for i in range(0, len(dev.captions), 256)])
+    return model.fusion_weight * (txt @ img.t()), torch.tensor(dev.caption_image)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--k", type=int, default=20, help="rerank_k on dev")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "ablations")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--token-root", type=Path, default=None)
+    ap.add_argument("--folds", type=int, default=2)
+    ap.add_argument("--eval-only", action="store_true", help="score an already trained run")
+    args = ap.parse_args(argv)
+    if not (args.data / "captions.tsv").is_file():
+        print(f"no Flickr8k data at {args.data}; nothing to do")
+        return 0
+    import logging
+
+    from edje_qdrant.models import load_model
+    from edje_qdrant.models.flickr8k_preset import NAME, read_config, PRESET_DIR
+    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+    from edje_qdrant.train import first_stage as fs
+    from edje_qdrant.train.common import default_cache_folder, pick_device, use_bf16
+    from edje_qdrant.train.crossfit import heldout_scores, train_crossfit
+    from edje_qdrant.train.data import caption_set, read_captions
+    from edje_qdrant.evaluate import paired_bootstrap_ci
+    from edje_qdrant.train.rerank_eval import rerank_recall
+    from edje_qdrant.train.split_reranker import (CONFIG, WEIGHTS, SplitTrainOptions, load_patch_tokens,
+                                                  train_split_reranker)
+    from edje_qdrant.train.token_cache import build_view_caches, view_folder
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(0)
+    opts = SplitTrainOptions(**parse_sets(args.sets))
+    device = pick_device(None)
+    bf16 = use_bf16(device)
+    captions, images = args.data / "captions.tsv", args.data / "images"
+    rows = read_captions(captions)
+    names = sorted({r["image"] for r in rows if r["split"] in ("train", "dev")})
+    token_root = args.token_root or default_cache_folder(images).parent / (default_cache_folder(images).name + "-views")
+    layers = tuple(sorted(set(opts.layers) | {12}))
+    build_view_caches(images, names, token_root, layers=layers, views=("orig", "flip"), device=str(device),
+                      bf16=bf16)
+    train, dev = caption_set(rows, "train"), caption_set(rows, "dev")
+    recipe = read_config(PRESET_DIR)["first_stage"]
+    cf_dir = args.out / "crossfit"
+    t0 = time.time()
+    train_crossfit(captions, images, cf_dir, folds=args.folds, cache=view_folder(token_root, "orig", 12),
+                   epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                   head_lr=recipe["head_lr"], train_layers=recipe["train_layers"], clip_dim=recipe["clip_dim"])
+    names_cf, feats = fs._global_features(fs.TokenCache(view_folder(token_root, "orig", 12)),
+                                          view_folder(token_root, "orig", 12))
+    index = {n: i for i, n in enumerate(names_cf)}
+    held = heldout_scores(cf_dir, train, feats[[index[n] for n in train.images]], device, bf16)
+    run = args.out / args.name
+    if args.eval_only:
+        cfg = json.loads((run / CONFIG).read_text())
+    else:
+        cfg = train_split_reranker(train, token_root, train.images, held, run, opts, device, bf16)
+    from safetensors.torch import load_file
+
+    model = SplitReranker(SplitRerankerConfig.from_dict(cfg["reranker"])).to(device)
+    model.load_state_dict(load_file(str(run / WEIGHTS)), strict=False)
+    model.eval()
+    shipped = load_model(NAME, device=str(device), precision="fp32")
+    sim, pos = dev_candidates(shipped, dev, names, token_root)
+    dev_tokens = load_patch_tokens(token_root, dev.images, "orig", opts.layers, opts.patch_pool)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        comp = model.adapter(dev_tokens.float()).float()
+        res = rerank_recall(model, dev.captions, sim, pos, comp, k=args.k)
+    line = {"name": args.name, "options": cfg["options"], "k": args.k, "dev": res["summary"],
+            "train_seconds": cfg.get("train_seconds"), "pairs_per_second": cfg.get("pairs_per_second"),
+            "steps": cfg.get("steps"), "val_curve": cfg.get("val_curve"), "wall_seconds": round(time.time() - t0)}
+    for d in ("t2i", "i2t"):
+        mean, (lo, hi) = paired_bootstrap_ci(res["ranks"][f"{d}_first"] < 1, res["ranks"][d] < 1)
+        mean, lo, hi = 100 * mean, 100 * lo, 100 * hi
+        line[f"{d}_delta_r1"] = {"mean": round(mean, 2), "ci95": [round(lo, 2), round(hi, 2)]}
+    print(json.dumps(line))
+    with (args.out / "ablations.jsonl").open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

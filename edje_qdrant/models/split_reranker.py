@@ -1,0 +1,273 @@
+"""Split joint encoder: the caption's lower MiniLM layers run once per query, then thin joint layers let the
+query's token states attend over ``[query token states ; m image tokens]`` (ALBEF-style split of EDJE).
+
+Cost per candidate is the joint layers over the L query tokens only (image tokens are keys/values, never
+updated), instead of a full BERT over ``L + m`` tokens. The score head reads the mean of the joint layers' text
+states; its last layer starts at zero so an untrained model adds nothing to the first-stage score it is fused
+with. The official full-joint layout stays in ``reranker.EdjeReranker``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edje_qdrant.errors import InputError, ModelError
+from edje_qdrant.models import minilm
+from edje_qdrant.models.adapter import TokenCompressionAdapter
+
+KIND = "split"
+
+
+@dataclass
+class SplitRerankerConfig:
+    """Sizes of the split reranker. ``vision_width`` is the adapter's input width (384 x number of DINOv2 layers
+    concatenated); ``text_layers`` MiniLM layers are frozen and shared by all candidates of a query."""
+
+    vision_width: int = 384
+    vision_heads: int = 6
+    num_tokens: int = 32
+    adapter_hidden: int = 768
+    patch_pool: int = 2  # average-pool the 16x16 patch grid by this factor before the adapter (1 = off)
+    adapter: str = "attention"  # "attention" (m learned queries, EDJE) | "pool" (the pooled grid, projected)
+    hidden_size: int = 384
+    text_layers: int = 5
+    joint_layers: int = 1
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    layer_norm_eps: float = 1e-12
+    head_hidden: int = 384
+    max_text_tokens: int = 64
+    kind: str = KIND
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SplitRerankerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"split reranker config has unknown fields {unknown}; known: {sorted(known)}")
+        cfg = cls(**data)
+        if cfg.adapter not in ("attention", "pool"):
+            raise ModelError(f"split reranker config: adapter must be 'attention' or 'pool', got {cfg.adapter!r}")
+        if cfg.adapter == "pool" and cfg.num_tokens != (16 // max(cfg.patch_pool, 1)) ** 2:
+            raise ModelError(f"split reranker config: the pool adapter gives (16 / patch_pool)^2 = "
+                             f"{(16 // max(cfg.patch_pool, 1)) ** 2} tokens, not num_tokens={cfg.num_tokens}")
+        if cfg.kind != KIND or not 0 <= cfg.text_layers <= 6 or cfg.joint_layers < 1:
+            raise ModelError(f"split reranker config: kind must be {KIND!r}, text_layers 0..6 and joint_layers >= 1"
+                             f" (got {cfg.kind!r}, {cfg.text_layers}, {cfg.joint_layers})")
+        return cfg
+
+
+class JointLayer(nn.Module):
+    """BERT layer (post-LN) whose queries are the text tokens and whose keys/values are text + image tokens."""
+
+    def __init__(self, c: SplitRerankerConfig) -> None:
+        super().__init__()
+        d = c.hidden_size
+        self.heads = c.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.ffn_in = nn.Linear(d, c.intermediate_size)
+        self.ffn_out = nn.Linear(c.intermediate_size, d)
+        self.ln2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.image_type = nn.Parameter(torch.zeros(d))  # marks image keys/values
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """text [B or 1, L, d], text_mask [B or 1, L] (1 = token), image [B, m, d] -> text states [B, L, d]."""
+        b = image.shape[0]
+        t, length, d = text.shape  # t == b, or 1: one query shared by all b candidates (computed once)
+        h, size = self.heads, d // self.heads
+        img = image + self.image_type.to(image.dtype)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.shape[0], -1, h, size).transpose(1, 2)
+
+        q = heads(self.q(text)).expand(b, -1, -1, -1)
+        k = torch.cat([heads(self.k(text)).expand(b, -1, -1, -1), heads(self.k(img))], dim=2)
+        v = torch.cat([heads(self.v(text)).expand(b, -1, -1, -1), heads(self.v(img))], dim=2)
+        keep = torch.cat([text_mask.bool().expand(b, -1), text_mask.new_ones(b, image.shape[1]).bool()], dim=1)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        x = self.ln1(text + self.o(ctx.transpose(1, 2).reshape(b, length, d)))
+        return self.ln2(x + self.ffn_out(F.gelu(self.ffn_in(x))))
+
+    def load_from_bert_layer(self, layer: nn.Module) -> None:
+        """Copy a transformers ``BertLayer``'s weights (attention, LayerNorms, feed-forward)."""
+        att = layer.attention
+        pairs = [(self.q, att.self.query), (self.k, att.self.key), (self.v, att.self.value),
+                 (self.o, att.output.dense), (self.ln1, att.output.LayerNorm),
+                 (self.ffn_in, layer.intermediate.dense), (self.ffn_out, layer.output.dense),
+                 (self.ln2, layer.output.LayerNorm)]
+        with torch.no_grad():
+            for mine, theirs in pairs:
+                mine.weight.copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
+
+
+class PoolAdapter(nn.Module):
+    """The pooled patch grid as image tokens: LayerNorm -> Linear to the joint width + a learned position per
+    grid cell (so the joint layer can tell left from right)."""
+
+    def __init__(self, vision_width: int, num_tokens: int, out_width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(vision_width, eps=1e-6)
+        self.proj = nn.Linear(vision_width, out_width)
+        self.position = nn.Parameter(torch.zeros(1, num_tokens, out_width))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if patches.dim() != 3 or patches.shape[1] != self.position.shape[1]:
+            raise InputError(f"pool adapter expects [B, {self.position.shape[1]}, D] pooled patches, "
+                             f"got {list(patches.shape)}")
+        return self.proj(self.norm(patches)) + self.position.to(patches.dtype)
+
+
+class SplitReranker(nn.Module):
+    """Adapter (ingest) + frozen MiniLM lower layers + thin joint layers + head (query time)."""
+
+    def __init__(self, config: SplitRerankerConfig, text_bert: nn.Module | None = None, tokenizer=None) -> None:
+        super().__init__()
+        c = self.config = config
+        self.adapter: nn.Module
+        if c.adapter == "pool":
+            self.adapter = PoolAdapter(c.vision_width, c.num_tokens, c.hidden_size)
+        else:
+            self.adapter = TokenCompressionAdapter(c.vision_width, c.vision_heads, c.num_tokens, c.adapter_hidden,
+                                                   c.hidden_size)
+        self.text_bert = text_bert if text_bert is not None else _lower_layers(minilm.load_bert(), c.text_layers)
+        self.text_bert.requires_grad_(False)
+        self.tokenizer = tokenizer if tokenizer is not None else minilm.load_tokenizer()
+        self.joint = nn.ModuleList(JointLayer(c) for _ in range(c.joint_layers))
+        self.head = nn.Sequential(nn.Linear(c.hidden_size, c.head_hidden), nn.GELU(), nn.Linear(c.head_hidden, 1))
+        with torch.no_grad():
+            self.head[2].weight.zero_()
+            self.head[2].bias.zero_()
+        self.eval()
+
+    # -- sizes the rest of the package reads
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.head[0].weight.device
+
+    def init_joint_from_minilm(self) -> None:
+        """Joint layer i starts as MiniLM layer ``text_layers + i`` (when MiniLM has it)."""
+        full = minilm.load_bert()
+        for i, layer in enumerate(self.joint):
+            j = self.config.text_layers + i
+            if j < len(full.encoder.layer):
+                layer.load_from_bert_layer(full.encoder.layer[j])
+
+    # -- ingest side
+    def compress(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Vision patch tokens ``[B, n, D]`` (a square grid) -> compressed tokens ``[B, m, d]``."""
+        return self.adapter(pool_patches(patch_tokens, self.config.patch_pool))
+
+    # -- query side
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (frozen lower-layer token states [B, L, d], attention mask [B, L])."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_text_tokens,
+                             return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return self.text_states(ids, mask), mask
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Frozen MiniLM states after ``text_layers`` layers (word + position embeddings when 0)."""
+        with torch.no_grad():
+            if not self.config.text_layers:
+                return self.text_bert.embeddings(input_ids=input_ids)
+            return self.text_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def pair_logits(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Text states [B, L, d] + mask [B, L] paired row by row with image tokens [B, m, d] -> logits [B]
+        (text of batch 1 is shared by all B rows)."""
+        h = text
+        for layer in self.joint:
+            h = layer(h, text_mask, image_tokens.to(h.dtype))
+        pooled = minilm.mean_pool(h, text_mask.expand(h.shape[0], -1))
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            return self.head(pooled.float()).squeeze(-1)
+
+    def score(self, query: str | list[str], image_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits float32 ``[N]``: one query broadcast to N token sets, or N captions paired row by row."""
+        if image_tokens.dim() != 3 or tuple(image_tokens.shape[1:]) != (self.num_tokens, self.hidden_size):
+            raise InputError(f"image tokens must be [N, {self.num_tokens}, {self.hidden_size}], "
+                             f"got {list(image_tokens.shape)}")
+        n = image_tokens.shape[0]
+        texts = [query] if isinstance(query, str) else list(query)
+        if not isinstance(query, str) and len(texts) != n:
+            raise InputError(f"{len(texts)} captions for {n} image token sets; pass one query string "
+                             "or one caption per token set")
+        if n == 0:
+            return torch.zeros(0, dtype=torch.float32, device=image_tokens.device)
+        text, mask = self.encode_text(texts)
+        return self.pair_logits(text, mask, image_tokens.to(self.device))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen MiniLM layers (those come from the pip wheel)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("text_bert.")}
+
+
+def _lower_layers(bert: nn.Module, n: int) -> nn.Module:
+    """The BertModel cut to its first ``n`` layers (at least one is kept for the module's shape)."""
+    bert.encoder.layer = bert.encoder.layer[: max(n, 1)]
+    bert.config.num_hidden_layers = max(n, 1)
+    return bert
+
+
+def pool_patches(patch_tokens: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool a square patch grid ``[B, g*g, D]`` by ``factor`` -> ``[B, (g/f)^2, D]``."""
+    if factor <= 1:
+        return patch_tokens
+    b, n, d = patch_tokens.shape
+    g = int(round(n ** 0.5))
+    if g * g != n or g % factor:
+        raise InputError(f"patch tokens [{b}, {n}, {d}] are not a square grid divisible by {factor}")
+    x = patch_tokens.transpose(1, 2).reshape(b, d, g, g)
+    x = F.avg_pool2d(x, factor)
+    return x.flatten(2).transpose(1, 2)
+
+
+class TextStates:
+    """Frozen lower-layer token states of a list of texts, computed once (ragged, float16) and served as padded
+    batches: ``batch(indices) -> (states [B, L, d], mask [B, L])``."""
+
+    def __init__(self, model: SplitReranker, texts: list[str], batch_size: int = 256) -> None:
+        flat, lengths = [], []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        rows: list[torch.Tensor | None] = [None] * len(texts)
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                states, mask = model.encode_text([texts[i] for i in idx])
+                for j, i in enumerate(idx):
+                    rows[i] = states[j, : int(mask[j].sum())].to("cpu", torch.float16)
+        for r in rows:
+            flat.append(r)
+            lengths.append(r.shape[0])
+        self.lengths = torch.tensor(lengths)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
+        self.flat = torch.cat(flat)
+
+    def batch(self, indices: torch.Tensor | list[int], device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices).flatten()
+        n, length = len(idx), int(self.lengths[idx].max())
+        states = torch.zeros(n, length, self.flat.shape[1])
+        mask = torch.zeros(n, length, dtype=torch.long)
+        for r, i in enumerate(idx.tolist()):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            states[r, : b - a] = self.flat[a:b].float()
+            mask[r, : b - a] = 1
+        return states.to(device), mask.to(device)

