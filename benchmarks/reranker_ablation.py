@@ -37,7 +37,7 @@ def parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def dev_candidates(model, dev, names, token_root):
+def dev_candidates(model, dev, token_root):
     """Shipped first stage on dev: scaled similarity [C, I] and each caption's image column."""
     from edje_qdrant.models import dinov2
     from edje_qdrant.train.token_cache import TokenCache, view_folder
@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-root", type=Path, default=None)
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--eval-only", action="store_true", help="score an already trained run")
+    ap.add_argument("--candidates", choices=("crossfit", "production"), default="crossfit",
+                    help="training candidates and residual scores: cross-fitted first stages (default) or the "
+                         "shipped first stage itself, which saw the training images")
+    ap.add_argument("--export", type=Path, default=None, help="also write a preset folder from this run here")
     args = ap.parse_args(argv)
     if not (args.data / "captions.tsv").is_file():
         print(f"no Flickr8k data at {args.data}; nothing to do")
@@ -68,54 +72,41 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from edje_qdrant.models import load_model
-    from edje_qdrant.models.flickr8k_preset import NAME, read_config, PRESET_DIR
+    from edje_qdrant.models.flickr8k_preset import NAME, PRESET_DIR
     from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
-    from edje_qdrant.train import first_stage as fs
     from edje_qdrant.train.common import default_cache_folder, pick_device, use_bf16
-    from edje_qdrant.train.crossfit import heldout_scores, train_crossfit
     from edje_qdrant.train.data import caption_set, read_captions
+    from edje_qdrant.train.pipeline import train_split
     from edje_qdrant.evaluate import paired_bootstrap_ci
     from edje_qdrant.train.rerank_eval import rerank_recall
-    from edje_qdrant.train.split_reranker import (CONFIG, WEIGHTS, SplitTrainOptions, load_patch_tokens,
-                                                  train_split_reranker)
-    from edje_qdrant.train.token_cache import build_view_caches, view_folder
+    from edje_qdrant.train.split_reranker import CONFIG, WEIGHTS, load_patch_tokens
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
-    opts = SplitTrainOptions(**parse_sets(args.sets))
+    options = parse_sets(args.sets)
     device = pick_device(None)
     bf16 = use_bf16(device)
     captions, images = args.data / "captions.tsv", args.data / "images"
     rows = read_captions(captions)
-    names = sorted({r["image"] for r in rows if r["split"] in ("train", "dev")})
-    token_root = args.token_root or default_cache_folder(images).parent / (default_cache_folder(images).name + "-views")
-    layers = tuple(sorted(set(opts.layers) | {12}))
-    build_view_caches(images, names, token_root, layers=layers, views=("orig", "flip"), device=str(device),
-                      bf16=bf16)
-    train, dev = caption_set(rows, "train"), caption_set(rows, "dev")
-    recipe = read_config(PRESET_DIR)["first_stage"]
-    cf_dir = args.out / "crossfit"
-    t0 = time.time()
-    train_crossfit(captions, images, cf_dir, folds=args.folds, cache=view_folder(token_root, "orig", 12),
-                   epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                   head_lr=recipe["head_lr"], train_layers=recipe["train_layers"], clip_dim=recipe["clip_dim"])
-    names_cf, feats = fs._global_features(fs.TokenCache(view_folder(token_root, "orig", 12)),
-                                          view_folder(token_root, "orig", 12))
-    index = {n: i for i, n in enumerate(names_cf)}
-    held = heldout_scores(cf_dir, train, feats[[index[n] for n in train.images]], device, bf16)
+    dev = caption_set(rows, "dev")
+    token_root = args.token_root or default_cache_folder(images).with_name(default_cache_folder(images).name + "-views")
     run = args.out / args.name
+    t0 = time.time()
     if args.eval_only:
         cfg = json.loads((run / CONFIG).read_text())
     else:
-        cfg = train_split_reranker(train, token_root, train.images, held, run, opts, device, bf16)
+        cfg = train_split(captions, images, args.out, options, token_root=token_root, folds=args.folds,
+                          candidates=args.candidates, run_name=args.name)
     from safetensors.torch import load_file
 
     model = SplitReranker(SplitRerankerConfig.from_dict(cfg["reranker"])).to(device)
     model.load_state_dict(load_file(str(run / WEIGHTS)), strict=False)
     model.eval()
     shipped = load_model(NAME, device=str(device), precision="fp32")
-    sim, pos = dev_candidates(shipped, dev, names, token_root)
-    dev_tokens = load_patch_tokens(token_root, dev.images, "orig", opts.layers, opts.patch_pool)
+    sim, pos = dev_candidates(shipped, dev, token_root)
+    rc = SplitRerankerConfig.from_dict(cfg["reranker"])
+    dev_tokens = load_patch_tokens(token_root, dev.images, "orig", cfg["options"]["layers"], rc.patch_pool,
+                                   colour_from=images if rc.colour else None)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         comp = model.adapter(dev_tokens.float()).float()
         res = rerank_recall(model, dev.captions, sim, pos, comp, k=args.k)
@@ -126,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         mean, (lo, hi) = paired_bootstrap_ci(res["ranks"][f"{d}_first"] < 1, res["ranks"][d] < 1)
         mean, lo, hi = 100 * mean, 100 * lo, 100 * hi
         line[f"{d}_delta_r1"] = {"mean": round(mean, 2), "ci95": [round(lo, 2), round(hi, 2)]}
+    if args.export:
+        from edje_qdrant.train.pipeline import export_split_preset
+
+        export_split_preset(run, args.export, PRESET_DIR, metrics={"harness_dev": line})
     print(json.dumps(line))
     with (args.out / "ablations.jsonl").open("a") as fh:
         fh.write(json.dumps(line) + "\n")

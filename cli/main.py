@@ -181,8 +181,12 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
 @click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path), help="Images folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Training folder (checkpoints, weights).")
-@click.option("--stage", type=click.Choice(["first", "reranker", "export"]), default="first", show_default=True,
-              help="first: LiT first stage; reranker: EDJE reranker on top of it; export: write a model folder.")
+@click.option("--stage", type=click.Choice(["first", "reranker", "export", "split", "export-split"]), default="first",
+              show_default=True,
+              help="first: LiT first stage; reranker: full-joint EDJE reranker on top of it; export: write a model "
+                   "folder; split: the split reranker of the default preset (token caches, cross-fitted first "
+                   "stages, training; --set KEY=VALUE for SplitTrainOptions); export-split: a preset folder from it "
+                   "(first stage of the bundled preset).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="First stage epochs.")
 @click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True, help="Reranker steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (stage default).")
@@ -206,8 +210,8 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, step
     from edje_qdrant.errors import InputError
     from edje_qdrant.train import export_preset, train_first_stage, train_reranker
 
-    if settings and stage != "reranker":
-        raise InputError("--set applies to --stage reranker only")
+    if settings and stage not in ("reranker", "split"):
+        raise InputError("--set applies to --stage reranker and --stage split only")
     options = {}
     for item in settings:
         key, sep, raw = item.partition("=")
@@ -228,10 +232,21 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, step
         limit = {"time_limit_s": time_limit} if time_limit else {}
         result = train_reranker(captions, images, out, cache=cache, steps=steps, device=device,
                                 precision=precision, resume=resume, **sized, **limit, **options)
+    elif stage == "split":
+        from edje_qdrant.train.pipeline import train_split
+
+        result = train_split(captions, images, out, options, token_root=cache, device=device, precision=precision,
+                             resume=resume)
     else:
         if export_to is None:
-            raise InputError("--stage export needs --export-to FOLDER")
-        result = {"exported": str(export_preset(out, export_to))}
+            raise InputError(f"--stage {stage} needs --export-to FOLDER")
+        if stage == "export-split":
+            from edje_qdrant.models.flickr8k_preset import PRESET_DIR
+            from edje_qdrant.train.pipeline import export_split_preset
+
+            result = {"exported": str(export_split_preset(out / "split", export_to, PRESET_DIR))}
+        else:
+            result = {"exported": str(export_preset(out, export_to))}
     click.echo(json.dumps(result, default=str))
 
 

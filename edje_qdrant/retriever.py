@@ -104,6 +104,12 @@ class Retriever:
         self._batcher = _MicroBatcher(self.model, self._model_lock) if micro_batch else None
 
     def _check_model(self, spec: CollectionSpec) -> None:
+        if spec.fingerprint != self.model.fingerprint and spec.model == self.model.name:
+            raise ModelMismatchError(
+                f"collection '{self.collection}' was built with another version of model {spec.model} "
+                f"({spec.fingerprint}, now {self.model.fingerprint}); re-ingest your images with the current "
+                "model: `edje-qdrant ingest DIR` with a new --collection (or a fresh --store)"
+            )
         if spec.fingerprint != self.model.fingerprint:
             raise ModelMismatchError(
                 f"collection '{self.collection}' was built with model {spec.model} ({spec.fingerprint}), "

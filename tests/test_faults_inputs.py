@@ -124,10 +124,11 @@ def test_collection_built_by_another_codec_or_model_is_refused(filled, demo_fold
     assert_one_line_error(res, "codec: recorded 'edje-tokens/v1/fp16/64x384', asked 'edje-tokens/v1/int8/64x384'",
                           "pick another --collection")
     res = cli("ingest", str(demo_folder), "--store", str(filled), "--model", str(other_model_dir))
-    assert_one_line_error(res, "was built with model 'tiny-random'", "fingerprint: recorded",
-                          "Use the same --model tiny-random")
+    # same model name, other weights: a new version of the model -> re-ingest
+    assert_one_line_error(res, "was built with another version of model 'tiny-random'", "fingerprint: recorded",
+                          "Re-ingest your images with the current model")
     res = cli("search", "a dog", "--store", str(filled), "--model", str(other_model_dir))
-    assert_one_line_error(res, "built with model tiny-random", "search it with --model tiny-random")
+    assert_one_line_error(res, "built with another version of model tiny-random", "re-ingest")
     assert count(filled) == before
     ok = cli("search", "a dog", "--store", str(filled), "-k", "2", "--json")  # its own model still works
     assert ok.exit_code == 0 and len(json.loads(ok.output)) == 2

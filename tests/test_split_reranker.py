@@ -159,12 +159,13 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
     from edje_qdrant.train.pipeline import export_split_preset
     from edje_qdrant.train.split_reranker import CONFIG, WEIGHTS, SplitTrainOptions
 
-    opts = SplitTrainOptions(adapter="pool", patch_pool=4, num_tokens=16, layers=[9, 12])
+    opts = SplitTrainOptions(adapter="pool", patch_pool=4, num_tokens=16, layers=[9, 12], colour=True)
     torch.manual_seed(1)
     trained = SplitReranker(opts.model_config())
     with torch.no_grad():
         trained.head[2].weight.normal_(0, 0.2)
         trained.adapter.position.normal_(0, 0.1)
+        trained.adapter.colour.weight.normal_(0, 0.5)
     trained.load_state_dict({k: v.half().float() for k, v in trained.trainable_state().items()}, strict=False)
     run = tmp_path / "run"
     run.mkdir()
@@ -174,12 +175,41 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
     pdir = export_split_preset(run, tmp_path / "preset", preset.PRESET_DIR)
     cfg = json.loads((pdir / "config.json").read_text())
     assert cfg["version"] == 2 and cfg["token_layers"] == [9, 12] and "edje_reranker" not in cfg
+    assert cfg["split_reranker"]["colour"] is True
     model = load_model(str(pdir), device="cpu", precision="fp32")
     assert model.num_tokens == 16 and isinstance(model.reranker, SplitReranker)
-    glob, tokens = model.embed_images(torch.randn(3, 3, 224, 224))
+    pixels = torch.randn(3, 3, 224, 224)
+    glob, tokens = model.embed_images(pixels)
     assert glob.shape == (3, 384) and tokens.shape == (3, 16, 384)
+    _, patches = model.vision.encode(pixels)
+    assert patches.shape == (3, 256, 2 * 384 + 14)  # layers 9 and 12, then the colour features
     with torch.inference_mode():
         want = trained.score("a dog", torch.from_numpy(tokens))
     assert torch.allclose(torch.from_numpy(model.rerank("a dog", tokens)), want, atol=1e-4)
     shipped = load_model(preset.NAME, device="cpu", precision="fp32")
     assert shipped.fingerprint != model.fingerprint
+
+
+def test_colour_features_name_the_colour_of_each_patch():
+    from PIL import Image
+
+    from edje_qdrant.models import dinov2
+    from edje_qdrant.models.colour import PALETTE, colour_patch_features
+
+    im = Image.new("RGB", (224, 224), (200, 20, 20))
+    im.paste((20, 40, 200), (112, 0, 224, 224))  # right half blue
+    feats = colour_patch_features(torch.from_numpy(dinov2.preprocess_image(im))[None])
+    names = list(PALETTE)
+    assert feats.shape == (1, 256, 14)
+    assert names[int(feats[0, 0, :11].argmax())] == "red" and names[int(feats[0, 15, :11].argmax())] == "blue"
+    assert torch.allclose(feats[0, :, :11].sum(-1), torch.ones(256), atol=1e-4)  # a histogram per patch
+
+
+def test_colour_input_starts_silent():
+    from edje_qdrant.models.split_reranker import PoolAdapter
+
+    torch.manual_seed(0)
+    with_colour, plain = PoolAdapter(384, 16, 384, colour_width=14), PoolAdapter(384, 16, 384)
+    plain.load_state_dict(with_colour.state_dict(), strict=False)
+    cells = torch.randn(2, 16, 384 + 14)
+    assert torch.equal(with_colour(cells), plain(cells[..., :384]))

@@ -171,7 +171,7 @@ class Dinov2VisionTower(nn.Module):
     """VisionTower: frozen DINOv2-S/14 + learned projection; 224 px -> (global, 256 patch tokens of 384)."""
 
     def __init__(self, clip_dim: int = WIDTH, backbone: nn.Module | None = None,
-                 token_layers: tuple[int, ...] = (12,)) -> None:
+                 token_layers: tuple[int, ...] = (12,), colour: bool = False) -> None:
         super().__init__()
         self.backbone = backbone if backbone is not None else load_backbone()
         self.head = ImageProjection(clip_dim)
@@ -179,6 +179,7 @@ class Dinov2VisionTower(nn.Module):
         if not token_layers or any(not 1 <= k <= 12 for k in token_layers):
             raise ModelError(f"token_layers must be DINOv2 layers 1..12, got {token_layers}")
         self.token_layers = tuple(int(k) for k in token_layers)
+        self.colour = colour  # append the 14 colour features of each patch (models/colour.py) to its tokens
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess_image(image)
@@ -191,8 +192,17 @@ class Dinov2VisionTower(nn.Module):
             return self.backbone(pixel_values=pixels).last_hidden_state
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (global [B, clip_dim], patch tokens [B, 256, 384 x len(token_layers)]: the listed layers, each
-        through the final LayerNorm, concatenated along features; the default is the last layer alone)."""
+        """-> (global [B, clip_dim], patch tokens [B, 256, 384 x len(token_layers) (+ 14 colour features)]: the
+        listed layers, each through the final LayerNorm, concatenated along features; by default the last
+        layer alone)."""
+        glob, patches = self._encode_layers(pixels)
+        if self.colour:
+            from edje_qdrant.models.colour import colour_patch_features
+
+            patches = torch.cat([patches, colour_patch_features(pixels).to(patches.dtype)], dim=-1)
+        return glob, patches
+
+    def _encode_layers(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.token_layers == (12,):
             hidden = self.hidden_states(pixels)
             return self.head(global_feature(hidden)), hidden[:, 1:]

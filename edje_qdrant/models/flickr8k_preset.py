@@ -106,7 +106,8 @@ def build(spec: PresetSpec) -> EdjeModel:
     clip_dim = int(cfg.get("clip_dim", 384))
     text_layers = int(cfg.get("text_train_layers", 6))
     parts = split_trained(load_file(str(trained)))
-    vision = dinov2.Dinov2VisionTower(clip_dim, token_layers=tuple(cfg.get("token_layers", (12,))))
+    vision = dinov2.Dinov2VisionTower(clip_dim, token_layers=tuple(cfg.get("token_layers", (12,))),
+                                      colour=bool(cfg.get("split_reranker", {}).get("colour", False)))
     text = minilm.MiniLMTextTower(clip_dim)
     reranker: torch.nn.Module
     if "split_reranker" in cfg:

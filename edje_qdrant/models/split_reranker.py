@@ -9,6 +9,7 @@ with. The official full-joint layout stays in ``reranker.EdjeReranker``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models import minilm
 from edje_qdrant.models.adapter import TokenCompressionAdapter
+from edje_qdrant.models.colour import WIDTH as COLOUR_WIDTH
 
 KIND = "split"
 
@@ -33,6 +35,8 @@ class SplitRerankerConfig:
     adapter_hidden: int = 768
     patch_pool: int = 2  # average-pool the 16x16 patch grid by this factor before the adapter (1 = off)
     adapter: str = "attention"  # "attention" (m learned queries, EDJE) | "pool" (the pooled grid, projected)
+    colour: bool = False  # patch tokens end with 14 colour features (models/colour.py); pool adapter only
+    late_dim: int = 0  # > 0 adds a late-interaction term (word -> best image token cosine) of this width
     hidden_size: int = 384
     text_layers: int = 5
     joint_layers: int = 1
@@ -58,6 +62,8 @@ class SplitRerankerConfig:
         if cfg.adapter == "pool" and cfg.num_tokens != (16 // max(cfg.patch_pool, 1)) ** 2:
             raise ModelError(f"split reranker config: the pool adapter gives (16 / patch_pool)^2 = "
                              f"{(16 // max(cfg.patch_pool, 1)) ** 2} tokens, not num_tokens={cfg.num_tokens}")
+        if cfg.colour and cfg.adapter != "pool":
+            raise ModelError("split reranker config: colour features need the pool adapter")
         if cfg.kind != KIND or not 0 <= cfg.text_layers <= 6 or cfg.joint_layers < 1:
             raise ModelError(f"split reranker config: kind must be {KIND!r}, text_layers 0..6 and joint_layers >= 1"
                              f" (got {cfg.kind!r}, {cfg.text_layers}, {cfg.joint_layers})")
@@ -113,17 +119,26 @@ class PoolAdapter(nn.Module):
     """The pooled patch grid as image tokens: LayerNorm -> Linear to the joint width + a learned position per
     grid cell (so the joint layer can tell left from right)."""
 
-    def __init__(self, vision_width: int, num_tokens: int, out_width: int) -> None:
+    def __init__(self, vision_width: int, num_tokens: int, out_width: int, colour_width: int = 0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(vision_width, eps=1e-6)
         self.proj = nn.Linear(vision_width, out_width)
         self.position = nn.Parameter(torch.zeros(1, num_tokens, out_width))
+        self.vision_width, self.colour_width = vision_width, colour_width
+        if colour_width:  # colour features skip the LayerNorm (it would drown 14 numbers among 384)
+            self.colour = nn.Linear(colour_width, out_width)
+            nn.init.zeros_(self.colour.weight)
+            nn.init.zeros_(self.colour.bias)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        if patches.dim() != 3 or patches.shape[1] != self.position.shape[1]:
-            raise InputError(f"pool adapter expects [B, {self.position.shape[1]}, D] pooled patches, "
+        want = self.vision_width + self.colour_width
+        if patches.dim() != 3 or patches.shape[1] != self.position.shape[1] or patches.shape[2] != want:
+            raise InputError(f"pool adapter expects [B, {self.position.shape[1]}, {want}] pooled patches, "
                              f"got {list(patches.shape)}")
-        return self.proj(self.norm(patches)) + self.position.to(patches.dtype)
+        x = self.proj(self.norm(patches[..., : self.vision_width])) + self.position.to(patches.dtype)
+        if self.colour_width:
+            x = x + self.colour(patches[..., self.vision_width:])
+        return x
 
 
 class SplitReranker(nn.Module):
@@ -134,7 +149,7 @@ class SplitReranker(nn.Module):
         c = self.config = config
         self.adapter: nn.Module
         if c.adapter == "pool":
-            self.adapter = PoolAdapter(c.vision_width, c.num_tokens, c.hidden_size)
+            self.adapter = PoolAdapter(c.vision_width, c.num_tokens, c.hidden_size, COLOUR_WIDTH if c.colour else 0)
         else:
             self.adapter = TokenCompressionAdapter(c.vision_width, c.vision_heads, c.num_tokens, c.adapter_hidden,
                                                    c.hidden_size)
@@ -143,6 +158,10 @@ class SplitReranker(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else minilm.load_tokenizer()
         self.joint = nn.ModuleList(JointLayer(c) for _ in range(c.joint_layers))
         self.head = nn.Sequential(nn.Linear(c.hidden_size, c.head_hidden), nn.GELU(), nn.Linear(c.head_hidden, 1))
+        if c.late_dim:
+            self.late_text = nn.Linear(c.hidden_size, c.late_dim)
+            self.late_image = nn.Linear(c.hidden_size, c.late_dim)
+            self.late_scale = nn.Parameter(torch.zeros(()))  # starts silent, like the head
         with torch.no_grad():
             self.head[2].weight.zero_()
             self.head[2].bias.zero_()
@@ -168,6 +187,18 @@ class SplitReranker(nn.Module):
             j = self.config.text_layers + i
             if j < len(full.encoder.layer):
                 layer.load_from_bert_layer(full.encoder.layer[j])
+
+    def init_adapter_from_first_stage(self, image_head: torch.Tensor, text_proj: torch.Tensor) -> None:
+        """Pool adapter only: start its projection where the first stage maps a patch into the text space,
+        pulled back through the text projection (``pinv(text_proj) @ image_head[:, patch half]``), so image
+        cells start next to the word states that describe them. Extra (intermediate) layers start at zero."""
+        if not isinstance(self.adapter, PoolAdapter):
+            raise ModelError("the first-stage adapter init needs the pool adapter")
+        w = torch.linalg.pinv(text_proj.float()) @ image_head.float()[:, image_head.shape[1] // 2:]
+        with torch.no_grad():
+            self.adapter.proj.weight.zero_()
+            self.adapter.proj.weight[:, self.adapter.vision_width - w.shape[1]:] = w  # last layer comes last
+            self.adapter.proj.bias.zero_()
 
     # -- ingest side
     def compress(self, patch_tokens: torch.Tensor) -> torch.Tensor:
@@ -197,7 +228,25 @@ class SplitReranker(nn.Module):
             h = layer(h, text_mask, image_tokens.to(h.dtype))
         pooled = minilm.mean_pool(h, text_mask.expand(h.shape[0], -1))
         with torch.autocast(device_type=pooled.device.type, enabled=False):
-            return self.head(pooled.float()).squeeze(-1)
+            logits = self.head(pooled.float()).squeeze(-1)
+        if self.config.late_dim:
+            logits = logits + self.late_scores(text, text_mask, image_tokens, paired=True)
+        return logits
+
+    def late_scores(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor,
+                    paired: bool = False) -> torch.Tensor:
+        """Late-interaction term: scale x mean over words of the best image-token cosine. ``paired``: rows of
+        text (or one shared row) with rows of image tokens -> [B]; else every text with every image -> [T, I]."""
+        with torch.autocast(device_type=text.device.type, enabled=False):
+            q = F.normalize(self.late_text(text.float()), dim=-1)  # [T, L, e]
+            k = F.normalize(self.late_image(image_tokens.float()), dim=-1)  # [I, m, e]
+            mask = text_mask.float()
+            if paired:
+                best = torch.einsum("ble,bme->blm", q.expand(k.shape[0], -1, -1), k).amax(-1)  # [B, L]
+                mask = mask.expand(k.shape[0], -1)
+                return self.late_scale * (best * mask).sum(1) / mask.sum(1)
+            best = torch.einsum("tle,ime->tilm", q, k).amax(-1)  # [T, I, L]
+            return self.late_scale * (best * mask[:, None]).sum(-1) / mask.sum(-1, keepdim=True)
 
     def score(self, query: str | list[str], image_tokens: torch.Tensor) -> torch.Tensor:
         """Logits float32 ``[N]``: one query broadcast to N token sets, or N captions paired row by row."""
@@ -258,7 +307,29 @@ class TextStates:
             lengths.append(r.shape[0])
         self.lengths = torch.tensor(lengths)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
-        self.flat = torch.cat(flat)
+        with torch.autocast("cpu", enabled=False):  # may be built under autocast; float16 rows concatenate as is
+            self.flat = torch.cat(flat)
+
+    def save(self, path: str | Path, key: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"flat": self.flat.contiguous(), "lengths": self.lengths}, str(path), metadata={"key": key})
+
+    @classmethod
+    def load(cls, path: str | Path, key: str) -> "TextStates | None":
+        """The states saved under ``key`` at ``path``, or None when absent or saved for other texts/weights."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as fh:
+            if (fh.metadata() or {}).get("key") != key:
+                return None
+            self = cls.__new__(cls)
+            self.flat, self.lengths = fh.get_tensor("flat"), fh.get_tensor("lengths")
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
+        return self
 
     def batch(self, indices: torch.Tensor | list[int], device: torch.device | str = "cpu"
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,6 +79,12 @@ def verify_spec(collection: str, where: str, recorded: CollectionSpec, wanted: C
         diffs.append(f"vector dim: recorded {recorded.dim}, asked {wanted.dim}")
     if not diffs:
         return
+    if recorded.model == wanted.model and recorded.fingerprint != wanted.fingerprint:
+        raise ModelMismatchError(
+            f"collection {collection!r} in {where} was built with another version of model {recorded.model!r} "
+            f"({'; '.join(diffs)}); its stored vectors and tokens do not fit this version. Re-ingest your images "
+            f"with the current model: `edje-qdrant ingest DIR` with a new --collection (or a fresh --store)."
+        )
     raise ModelMismatchError(
         f"collection {collection!r} in {where} was built with model {recorded.model!r} "
         f"(fingerprint {recorded.fingerprint}, codec {recorded.codec}, dim {recorded.dim}), "

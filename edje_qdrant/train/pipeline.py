@@ -218,3 +218,62 @@ def export_split_preset(run: str | Path, preset_dir: str | Path, first_stage_fro
     save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(preset_dir / TRAINED_FILE))
     (preset_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return preset_dir
+
+
+def train_split(captions: str | Path, images: str | Path, out: str | Path, options: dict[str, Any] | None = None,
+                *, token_root: str | Path | None = None, folds: int = 2, candidates: str = "crossfit",
+                device: str | None = None, precision: str = "auto", resume: bool = False,
+                progress: bool = True, run_name: str = "split") -> dict[str, Any]:
+    """The split reranker end to end: DINOv2 token caches (both views, the option's layers), cross-fitted first
+    stages (the shipped preset's first-stage recipe) in ``out/crossfit``, then training into ``out/<run_name>``.
+    ``candidates="production"`` takes candidates and residual scores from the shipped first stage instead."""
+    from edje_qdrant.models import load_model
+    from edje_qdrant.models.flickr8k_preset import NAME, PRESET_DIR, read_config
+    from edje_qdrant.train.crossfit import HeldOutScores, heldout_scores, train_crossfit
+    from edje_qdrant.train.split_reranker import SplitTrainOptions, train_split_reranker
+    from edje_qdrant.train.token_cache import build_view_caches, view_folder
+
+    known = {f.name for f in dataclasses.fields(SplitTrainOptions)}
+    unknown = sorted(set(options or {}) - known)
+    if unknown:
+        raise ModelError(f"unknown split reranker options {unknown}; known: {sorted(known)}")
+    opts = SplitTrainOptions(**(options or {}))
+    out, dev = Path(out), pick_device(device)
+    bf16 = use_bf16(dev, precision)
+    rows = fs.read_captions(captions)
+    names = sorted({r["image"] for r in rows if r["split"] in ("train", "dev")})
+    root = Path(token_root) if token_root else fs.default_cache_folder(images).with_name(
+        fs.default_cache_folder(images).name + "-views")
+    build_view_caches(images, names, root, layers=tuple(sorted(set(opts.layers) | {12})), views=("orig", "flip"),
+                      device=str(dev), bf16=bf16, progress=progress)
+    last = view_folder(root, "orig", 12)
+    recipe = read_config(PRESET_DIR)["first_stage"]
+    train_crossfit(captions, images, out / "crossfit", folds=folds, cache=last, epochs=recipe["epochs"],
+                   batch_size=recipe["batch_size"], lr=recipe["lr"], head_lr=recipe["head_lr"],
+                   train_layers=recipe["train_layers"], clip_dim=recipe["clip_dim"], progress=progress)
+    train = caption_set(rows, "train")
+    names_c, feats = fs._global_features(fs.TokenCache(last), last)
+    index = {n: i for i, n in enumerate(names_c)}
+    train_feats = feats[[index[n] for n in train.images]]
+    shipped = load_model(NAME, device=str(dev), precision="fp32")
+    if candidates == "crossfit":
+        held = heldout_scores(out / "crossfit", train, train_feats, dev, bf16)
+    elif candidates == "production":
+        with torch.inference_mode():
+            img = shipped.vision.head(train_feats.to(dev)).float().cpu()
+            txt = encode_texts(_TextOnly(shipped.text), train.captions, dev, bf16)
+        held = HeldOutScores(txt, img, torch.zeros(len(train.images), dtype=torch.long),
+                             torch.tensor([shipped.fusion_weight]))
+    else:
+        raise ModelError(f"candidates must be 'crossfit' or 'production', got {candidates!r}")
+    heads = (shipped.vision.head.proj.weight.detach().cpu(), shipped.text.proj.weight.detach().cpu())
+    return train_split_reranker(train, root, train.images, held, out / run_name, opts, dev, bf16, resume=resume,
+                                progress=progress, first_stage_heads=heads, images_dir=images)
+
+
+class _TextOnly(torch.nn.Module):
+    """Wraps a text tower so ``encode_texts`` (which reads ``model.text``) can embed with it."""
+
+    def __init__(self, text: torch.nn.Module) -> None:
+        super().__init__()
+        self.text = text

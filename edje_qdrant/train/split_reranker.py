@@ -46,6 +46,12 @@ class SplitTrainOptions:
     text_layers: int = 5
     patch_pool: int = 2
     adapter: str = "attention"
+    adapter_init: str = "random"  # "random" | "first_stage" (pool adapter: from the first stage's LiT heads)
+    colour: bool = False  # append per-cell colour features to the pool adapter's input
+    late_dim: int = 0  # > 0: add the late-interaction term (see SplitReranker.late_scores)
+    late_steps: int = 0  # in-batch contrastive steps on the late term (+ adapter) before the joint steps
+    late_batch: int = 128  # images per in-batch step (all of one fold; one caption each)
+    late_lr: float = 1e-3
     adapter_hidden: int = 768
     candidates: int = 16  # group size (1 positive + candidates-1 hard negatives)
     negative_pool: int = 24  # negatives drawn from this many hardest (>= candidates-1)
@@ -73,7 +79,7 @@ class SplitTrainOptions:
     def model_config(self) -> SplitRerankerConfig:
         return SplitRerankerConfig(vision_width=384 * len(self.layers), num_tokens=self.num_tokens,
                                    adapter_hidden=self.adapter_hidden, patch_pool=self.patch_pool,
-                                   adapter=self.adapter,
+                                   adapter=self.adapter, colour=self.colour, late_dim=self.late_dim,
                                    text_layers=self.text_layers, joint_layers=self.joint_layers)
 
 
@@ -89,12 +95,23 @@ def mirror_caption(text: str) -> str:
 
 
 def load_patch_tokens(root: str | Path, names: list[str], view: str, layers: list[int], pool: int,
-                      chunk: int = 256) -> torch.Tensor:
-    """Pooled patch tokens (CLS dropped) of ``names`` for one view, layers concatenated: fp16 [N, P, 384 x L]."""
+                      chunk: int = 256, colour_from: str | Path | None = None) -> torch.Tensor:
+    """Pooled patch tokens (CLS dropped) of ``names`` for one view, layers concatenated: fp16 [N, P, 384 x L];
+    with ``colour_from`` (the images folder) the pooled colour features are appended (+14)."""
+    from edje_qdrant.train.token_cache import colour_cache
+
     caches = [TokenCache(view_folder(root, view, k)) for k in layers]
+    colour = None
+    if colour_from is not None:
+        all_names = caches[0].images
+        feats = colour_cache(colour_from, all_names, root, view)
+        index = {n: i for i, n in enumerate(all_names)}
     parts = []
     for i in range(0, len(names), chunk):
         rows = [pool_patches(c.rows(names[i:i + chunk])[:, 1:].float(), pool) for c in caches]
+        if colour_from is not None:
+            colour = torch.from_numpy(np.asarray(feats[[index[n] for n in names[i:i + chunk]]], dtype=np.float32))
+            rows.append(pool_patches(colour, pool))
         parts.append(torch.cat(rows, dim=-1).half())
     return torch.cat(parts)
 
@@ -168,7 +185,8 @@ class SplitTrainer:
     """One step = t2i groups + i2t groups through the split reranker, residual listwise loss."""
 
     def __init__(self, model: SplitReranker, data: CaptionSet, tokens: dict[str, torch.Tensor], held: HeldOutScores,
-                 opts: SplitTrainOptions, device: torch.device, bf16: bool) -> None:
+                 opts: SplitTrainOptions, device: torch.device, bf16: bool, memo_dir: str | Path | None = None
+                 ) -> None:
         self.model, self.data, self.tokens, self.held, self.o = model, data, tokens, held, opts
         self.device, self.bf16 = device, bf16
         self.cap_img = torch.tensor(data.caption_image)
@@ -178,7 +196,16 @@ class SplitTrainer:
         texts = data.captions + [mirror_caption(data.captions[c]) for c in sided]
         t0 = time.time()
         model.eval()
-        self.text_states = TextStates(model, texts)
+        import hashlib
+
+        key = hashlib.sha256("\n".join(texts).encode() + f"|L{model.config.text_layers}".encode()).hexdigest()
+        memo = Path(memo_dir) / f"text_states_L{model.config.text_layers}.safetensors" if memo_dir else None
+        states = TextStates.load(memo, key) if memo else None
+        if states is None:
+            states = TextStates(model, texts)
+            if memo:
+                states.save(memo, key)
+        self.text_states = states
         log.info("text states of %d captions (%d mirrored) in %.0f s", len(texts), len(sided), time.time() - t0)
 
     def _image_tokens(self, images: torch.Tensor, views: list[str], train: bool) -> torch.Tensor:
@@ -253,27 +280,58 @@ class SplitTrainer:
         return parts
 
 
+def late_loss(trainer: "SplitTrainer", sampler: GroupSampler, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """In-batch contrastive step on the late-interaction term: images of one fold, one own caption each; the
+    score is the fold model's first-stage logit + the late term, cross-entropy both ways."""
+    o, held = trainer.o, trainer.held
+    folds = held.image_fold[sampler.images]
+    fold = int(folds[torch.randint(len(folds), (1,), generator=g)])
+    pool = sampler.images[folds == fold]
+    imgs = pool[torch.randperm(len(pool), generator=g)[: o.late_batch]]
+    rows = {int(i): r for r, i in enumerate(sampler.images.tolist())}
+    caps = torch.stack([sampler.own_captions[rows[int(i)]][torch.randint(len(sampler.own_captions[rows[int(i)]]),
+                                                                          (1,), generator=g)] for i in imgs]).flatten()
+    views = [o.views[int(torch.randint(len(o.views), (1,), generator=g))] for _ in range(len(imgs))]
+    text_ids = [trainer.mirrored.get(int(c), int(c)) if v == "flip" else int(c) for c, v in zip(caps, views)]
+    with autocast(trainer.device, trainer.bf16):
+        tok = trainer._image_tokens(imgs, views, train=True)
+    text, mask = trainer.text_states.batch(text_ids, trainer.device)
+    late = trainer.model.late_scores(text, mask, tok)  # [B, B]
+    first = held.scale[fold] * held.caption_emb[caps] @ held.image_emb[imgs].t()
+    s_ = first.to(trainer.device) + late
+    target = torch.arange(len(imgs), device=trainer.device)
+    loss = 0.5 * (F.cross_entropy(s_, target) + F.cross_entropy(s_.t(), target))
+    return {"total": loss, "acc_t2i": (s_.argmax(1) == target).float().mean()}
+
+
 def param_groups(model: SplitReranker, o: SplitTrainOptions) -> list[dict[str, Any]]:
-    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "head": [], "joint": []}
+    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "head": [], "joint": [], "late": []}
     for name, p in model.named_parameters():
         if not p.requires_grad or name.startswith("text_bert."):
             continue
-        groups[name.split(".")[0] if name.split(".")[0] in groups else "joint"].append(p)
-    lrs = {"adapter": o.adapter_lr, "head": o.head_lr, "joint": o.lr}
+        top = name.split(".")[0]
+        groups["late" if top.startswith("late_") else top if top in groups else "joint"].append(p)
+    lrs = {"adapter": o.adapter_lr, "head": o.head_lr, "joint": o.lr, "late": o.late_lr}
     return [{"params": ps, "lr": lrs[n], "base_lr": lrs[n], "weight_decay": o.weight_decay}
             for n, ps in groups.items() if ps]
 
 
-def split_train_val(n_images: int, val_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image indices (train, val): ``val_images`` held back for early stopping, never trained on."""
+def split_train_val(image_fold: torch.Tensor, val_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image indices (train, val): ``val_images`` of fold 0 held back for early stopping, never trained on (one
+    fold, so all their first-stage scores come from one model and are comparable)."""
     g = torch.Generator().manual_seed(seed + 17)
-    perm = torch.randperm(n_images, generator=g)
-    return perm[val_images:].sort().values, perm[:val_images].sort().values
+    fold0 = (image_fold == 0).nonzero().flatten()
+    val = fold0[torch.randperm(len(fold0), generator=g)[:val_images]].sort().values
+    keep = torch.ones(len(image_fold), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten(), val
 
 
 def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[str], held: HeldOutScores,
                          out: str | Path, opts: SplitTrainOptions, device: torch.device, bf16: bool,
-                         resume: bool = False, progress: bool = True) -> dict[str, Any]:
+                         resume: bool = False, progress: bool = True,
+                         first_stage_heads: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         images_dir: str | Path | None = None) -> dict[str, Any]:
     """Train on ``data`` (train split), early-stopped on held-back training images; writes ``out/WEIGHTS``
     (the best step by validation R@1) and ``out/CONFIG``. Returns the config with timings and val curve."""
     from safetensors.torch import save_file
@@ -285,19 +343,25 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     np.random.seed(opts.seed)
-    tokens = {v: load_patch_tokens(token_root, names, v, opts.layers, opts.patch_pool) for v in opts.views}
-    if "orig" not in tokens:
-        tokens["orig"] = load_patch_tokens(token_root, names, "orig", opts.layers, opts.patch_pool)
-    train_imgs, val_imgs = split_train_val(len(data.images), opts.val_images, opts.seed)
+    colour = images_dir if opts.colour else None
+    if opts.colour and images_dir is None:
+        raise InputError("colour=True needs the images folder (images_dir) to compute colour features")
+    tokens = {v: load_patch_tokens(token_root, names, v, opts.layers, opts.patch_pool, colour_from=colour)
+              for v in set(opts.views) | {"orig"}}
+    train_imgs, val_imgs = split_train_val(held.image_fold, opts.val_images, opts.seed)
     sampler = GroupSampler(data, held, train_imgs, opts)
     model = SplitReranker(opts.model_config()).to(device)
     model.init_joint_from_minilm()
-    trainer = SplitTrainer(model, data, tokens, held, opts, device, bf16)
+    if opts.adapter_init == "first_stage":
+        if first_stage_heads is None:
+            raise InputError("adapter_init=first_stage needs the first stage's heads (image_head, text_proj)")
+        model.init_adapter_from_first_stage(*first_stage_heads)
+    trainer = SplitTrainer(model, data, tokens, held, opts, device, bf16, memo_dir=out.parent)
     opt = torch.optim.AdamW(param_groups(model, opts))
     steps_per_epoch = len(sampler.captions) // opts.batch_captions
-    total = max(1, int(steps_per_epoch * opts.epochs))
+    total = opts.late_steps + max(1, int(steps_per_epoch * opts.epochs))
     val = _val_fn(model, data, tokens["orig"], held, val_imgs, device, bf16, rerank_recall, trainer.text_states)
-    step, best, best_state, curve = 0, -1.0, None, []
+    step, best, best_state, best_step, curve = 0, -1.0, None, 0, []
     ck = out / "split_reranker.ckpt"
     if resume and ck.is_file():
         state = ckpt.load_checkpoint(ck)
@@ -308,6 +372,8 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
         best = float(state.get("extra", {}).get("best", -1.0)) if isinstance(state.get("extra"), dict) else -1.0
     base = val()
     curve.append({"step": step, **base})
+    if best < 0:  # the starting point competes too: an update that never beats it is not kept
+        best, best_state = base["t2i_r1"] + base["i2t_r1"], model.trainable_state()
     log.info("split reranker: %d steps, start val %s", total, base)
     g = torch.Generator().manual_seed(opts.seed * 7919 + step)
     bar = None
@@ -316,22 +382,29 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
         bar = tqdm(total=total, initial=step, desc="split reranker", unit="step")
     t0, pairs = time.time(), 0
     while step < total:
-        epoch, b = divmod(step, steps_per_epoch)
+        epoch, b = divmod(max(0, step - opts.late_steps), steps_per_epoch)
         order = torch.randperm(len(sampler.captions), generator=torch.Generator().manual_seed(opts.seed + epoch))
         rows = order[b * opts.batch_captions:(b + 1) * opts.batch_captions]
         irows = torch.randint(len(sampler.images), (opts.batch_images,), generator=g)
         model.train()
         model.text_bert.eval()
-        mult = cosine_lr(step, total, max(1, total // 20))
+        late_phase = step < opts.late_steps
+        phase_step, phase_total = (step, opts.late_steps) if late_phase else (step - opts.late_steps,
+                                                                               total - opts.late_steps)
+        mult = cosine_lr(phase_step, phase_total, max(1, phase_total // 20))
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
-        parts = trainer.loss(sampler.t2i_groups(rows, g), sampler.i2t_groups(irows, g), g)
+        if late_phase:
+            parts = late_loss(trainer, sampler, g)
+        else:
+            parts = trainer.loss(sampler.t2i_groups(rows, g), sampler.i2t_groups(irows, g), g)
         opt.zero_grad(set_to_none=True)
         parts["total"].backward()
         torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
         opt.step()
         step += 1
-        pairs += opts.candidates * (opts.batch_captions + opts.batch_images)
+        if not late_phase:  # joint-encoder pairs (the in-batch late steps score B x B cheaply, not counted)
+            pairs += opts.candidates * (opts.batch_captions + opts.batch_images)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{parts['total'].item():.3f}", acc=f"{parts['acc_t2i'].item():.2f}")
@@ -341,7 +414,7 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
             log.info("step %d val %s", step, v)
             score = v["t2i_r1"] + v["i2t_r1"]
             if score > best:
-                best, best_state = score, model.trainable_state()
+                best, best_state, best_step = score, model.trainable_state(), step
             ckpt.save_checkpoint(ck, model=model.trainable_state(), optimizer=opt.state_dict(), step=step,
                                  epoch=epoch, extra={"best": best})
     if bar is not None:
@@ -350,6 +423,7 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
     state = best_state if best_state is not None else model.trainable_state()
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
     config = {"reranker": opts.model_config().to_dict(), "options": asdict(opts), "steps": step,
+              "best_step": best_step,
               "train_seconds": round(elapsed, 1), "pairs_per_second": round(pairs / max(elapsed, 1e-9), 1),
               "val_curve": curve}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
@@ -374,9 +448,7 @@ def _val_fn(model: SplitReranker, data: CaptionSet, tokens: torch.Tensor, held: 
     in_val = torch.zeros(len(data.images), dtype=torch.bool)
     in_val[val_imgs] = True
     val_caps = in_val[cap_img].nonzero().flatten()
-    # the held-back images come from several folds: compare each caption with each image by its own fold's
-    # scale x cosine (a caption's fold model never saw its image; cross-fold pairs use the caption's fold scale)
-    cap_e, img_e = held.caption_emb[val_caps], held.image_emb[val_imgs]
+    cap_e, img_e = held.caption_emb[val_caps], held.image_emb[val_imgs]  # all of fold 0: one model's space
     scale = held.scale[held.image_fold[cap_img[val_caps]]].view(-1, 1)
     sim = scale * (cap_e @ img_e.t())
     pos = (cap_img[val_caps].view(-1, 1) == val_imgs.view(1, -1)).float().argmax(1)

@@ -166,3 +166,30 @@ def build_view_caches(images_dir: str | Path, names: list[str], root: str | Path
         for folder, k in zip(folders, layers):
             out[(view, k)] = TokenCache(folder)
     return out
+
+
+def colour_cache(images_dir: str | Path, names: list[str], root: str | Path, view: str,
+                 batch_size: int = 64) -> np.ndarray:
+    """Colour features per patch (models/colour.py) of ``names`` in one view, float16 [N, 256, 14], computed from
+    the same preprocessed pixels as the DINOv2 tokens and memoised as ``root/colour-{view}.npy``."""
+    from edje_qdrant.models.colour import colour_patch_features
+
+    root = Path(root)
+    path, names_file = root / f"colour-{view}.npy", root / f"colour-{view}.txt"
+    if path.is_file() and names_file.is_file() and names_file.read_text().split("\n")[: len(names)] == names:
+        return np.load(path, mmap_mode="r")
+    out = []
+    for start in range(0, len(names), batch_size):
+        pixels = []
+        for name in names[start:start + batch_size]:
+            with Image.open(Path(images_dir) / name) as im:
+                im = im.convert("RGB")
+                if view == "flip":
+                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                pixels.append(dinov2.preprocess_image(im))
+        out.append(colour_patch_features(torch.from_numpy(np.stack(pixels))).numpy().astype(np.float16))
+    feats = np.concatenate(out)
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(path, feats)
+    names_file.write_text("\n".join(names) + "\n")
+    return feats
