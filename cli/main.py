@@ -188,6 +188,8 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
                    "stages, training; --set KEY=VALUE for SplitTrainOptions); export-split: a preset folder from it "
                    "(first stage of the bundled preset).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="First stage epochs.")
+@click.option("--text-layers", type=click.IntRange(min=0, max=6), default=2, show_default=True,
+              help="First stage: how many top MiniLM layers are fine-tuned.")
 @click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True, help="Reranker steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (stage default).")
 @click.option("--time-limit", type=float, default=None,
@@ -203,7 +205,8 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
               help="Reranker: override one training option (e.g. mining=global, lr=1e-4, mlm_weight=0); "
                    "repeatable. Options are the fields of edje_qdrant.train.edje.EdjeTrainOptions.")
 @library_errors
-def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, steps: int, batch_size: int | None,
+def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, text_layers: int, steps: int,
+          batch_size: int | None,
           time_limit: float | None, cache: Path | None, export_to: Path | None, device: str | None,
           precision: str, resume: bool, settings: tuple[str, ...]) -> None:
     """Train the offline model on captioned images (resumable; checkpoints in --out)."""
@@ -227,7 +230,7 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, step
     sized = {"batch_size": batch_size} if batch_size else {}
     if stage == "first":
         result = train_first_stage(captions, images, out, cache=cache, epochs=epochs, device=device,
-                                   precision=precision, resume=resume, **sized)
+                                   precision=precision, resume=resume, train_layers=text_layers, **sized)
     elif stage == "reranker":
         limit = {"time_limit_s": time_limit} if time_limit else {}
         result = train_reranker(captions, images, out, cache=cache, steps=steps, device=device,

@@ -213,3 +213,30 @@ def test_colour_input_starts_silent():
     plain.load_state_dict(with_colour.state_dict(), strict=False)
     cells = torch.randn(2, 16, 384 + 14)
     assert torch.equal(with_colour(cells), plain(cells[..., :384]))
+
+
+def test_training_step_fits_a_fixed_batch():
+    """The residual listwise loss through adapter, joint layer and head can be driven down (the wiring learns)."""
+    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig, TextStates
+
+    torch.manual_seed(0)
+    model = SplitReranker(SplitRerankerConfig(adapter="pool", patch_pool=4, num_tokens=16))
+    model.init_joint_from_minilm()
+    captions = ["a dog runs on the beach", "two kids play football", "a red car in the snow", "a man climbs a rock"]
+    states = TextStates(model, captions)
+    cells = torch.randn(4, 16, 384)
+    first = torch.randn(4, 4)  # first-stage logits: caption i x image j, positive on the diagonal
+    text, mask = states.batch([0, 1, 2, 3])
+    rows = torch.arange(4).repeat_interleave(4)
+    cols = torch.arange(4).repeat(4)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("text_bert.")], lr=1e-3)
+    losses = []
+    model.train()
+    for _ in range(40):
+        logits = model.pair_logits(text[rows], mask[rows], model.adapter(cells)[cols]).view(4, 4)
+        loss = torch.nn.functional.cross_entropy(first + logits, torch.arange(4))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]

@@ -17,7 +17,7 @@ import torch
 
 from edje_qdrant.errors import InputError
 from edje_qdrant.train import first_stage as fs
-from edje_qdrant.train.data import CaptionSet, caption_set, read_captions
+from edje_qdrant.train.data import CaptionSet, read_captions
 
 log = logging.getLogger(__name__)
 HELDOUT = "heldout"
@@ -115,8 +115,3 @@ def heldout_scores(out: str | Path, data: CaptionSet, global_feats: torch.Tensor
     scale = torch.tensor(scales)
     save_file({"caption_emb": caption_emb, "image_emb": image_emb, "scale": scale}, str(memo))
     return HeldOutScores(caption_emb, image_emb, image_fold, scale)
-
-
-def heldout_split(rows: list[dict[str, str]]) -> CaptionSet:
-    """The train split as a CaptionSet (images sorted, captions in file order)."""
-    return caption_set(rows, "train")

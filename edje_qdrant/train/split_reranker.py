@@ -8,9 +8,9 @@ token dropout before the adapter. A slice of the training images is held back fo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -196,8 +196,6 @@ class SplitTrainer:
         texts = data.captions + [mirror_caption(data.captions[c]) for c in sided]
         t0 = time.time()
         model.eval()
-        import hashlib
-
         key = hashlib.sha256("\n".join(texts).encode() + f"|L{model.config.text_layers}".encode()).hexdigest()
         memo = Path(memo_dir) / f"text_states_L{model.config.text_layers}.safetensors" if memo_dir else None
         states = TextStates.load(memo, key) if memo else None
@@ -210,11 +208,9 @@ class SplitTrainer:
 
     def _image_tokens(self, images: torch.Tensor, views: list[str], train: bool) -> torch.Tensor:
         """Adapter output for unique (image, view) pairs [U, m', d] (m' < m with token dropout)."""
-        view_ids = torch.tensor([self.o.views.index(v) if v in self.o.views else -1 for v in views])
-        first = self.tokens[views[0]]
-        patches = torch.empty((len(views),) + tuple(first.shape[1:]), dtype=torch.float32)
+        patches = torch.empty((len(views),) + tuple(self.tokens[views[0]].shape[1:]), dtype=torch.float32)
         for v in set(views):
-            rows = (view_ids == (self.o.views.index(v) if v in self.o.views else -1)).nonzero().flatten()
+            rows = torch.tensor([n for n, w in enumerate(views) if w == v])
             patches[rows] = self.tokens[v][images[rows]].float()
         tokens = self.model.adapter(patches.to(self.device))
         if train and self.o.token_dropout > 0:  # drop a random subset of each image's tokens (as keys)
