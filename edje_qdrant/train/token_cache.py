@@ -20,6 +20,21 @@ log = logging.getLogger(__name__)
 ROWS = 1 + dinov2.NUM_PATCHES
 
 
+def load_pixels(images_dir: Path, names: list[str], view: str = "orig") -> torch.Tensor:
+    """Preprocessed pixels [B, 3, 224, 224] of ``names`` in ``images_dir``; ``view="flip"`` mirrors them."""
+    pixels = []
+    for name in names:
+        path = images_dir / name
+        if not path.is_file():
+            raise InputError(f"image {path} (listed in the captions file) does not exist")
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if view == "flip":
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            pixels.append(dinov2.preprocess_image(im))
+    return torch.from_numpy(np.stack(pixels))
+
+
 class TokenCache:
     """Read side of a token cache: ``rows(names)`` -> float16 tensor [B, 257, 384]."""
 
@@ -74,14 +89,7 @@ def build_token_cache(images_dir: str | Path, names: list[str], out: str | Path,
             bar = tqdm(total=len(names), initial=done, desc="DINOv2 tokens", unit="img")
         for start in range(done, len(names), batch_size):
             chunk = names[start:start + batch_size]
-            pixels = []
-            for name in chunk:
-                path = images_dir / name
-                if not path.is_file():
-                    raise InputError(f"image {path} (listed in the captions file) does not exist")
-                with Image.open(path) as im:
-                    pixels.append(dinov2.preprocess_image(im))
-            x = torch.from_numpy(np.stack(pixels)).to(device)
+            x = load_pixels(images_dir, chunk).to(device)
             with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                                  enabled=bf16):
                 hidden = backbone(pixel_values=x).last_hidden_state
@@ -136,17 +144,7 @@ def build_view_caches(images_dir: str | Path, names: list[str], root: str | Path
                 bar = tqdm(total=len(names), initial=done, desc=f"DINOv2 tokens ({view})", unit="img")
             for start in range(done, len(names), batch_size):
                 chunk = names[start:start + batch_size]
-                pixels = []
-                for name in chunk:
-                    path = images_dir / name
-                    if not path.is_file():
-                        raise InputError(f"image {path} (listed in the captions file) does not exist")
-                    with Image.open(path) as im:
-                        im = im.convert("RGB")
-                        if view == "flip":
-                            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-                        pixels.append(dinov2.preprocess_image(im))
-                x = torch.from_numpy(np.stack(pixels)).to(device)
+                x = load_pixels(images_dir, chunk, view).to(device)
                 with torch.no_grad(), torch.autocast(device_type=torch.device(device).type,
                                                      dtype=torch.bfloat16, enabled=bf16):
                     hs = backbone(pixel_values=x, output_hidden_states=True).hidden_states
@@ -180,14 +178,8 @@ def colour_cache(images_dir: str | Path, names: list[str], root: str | Path, vie
         return np.load(path, mmap_mode="r")
     out = []
     for start in range(0, len(names), batch_size):
-        pixels = []
-        for name in names[start:start + batch_size]:
-            with Image.open(Path(images_dir) / name) as im:
-                im = im.convert("RGB")
-                if view == "flip":
-                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
-                pixels.append(dinov2.preprocess_image(im))
-        out.append(colour_patch_features(torch.from_numpy(np.stack(pixels))).numpy().astype(np.float16))
+        pixels = load_pixels(Path(images_dir), names[start:start + batch_size], view)
+        out.append(colour_patch_features(pixels).numpy().astype(np.float16))
     feats = np.concatenate(out)
     root.mkdir(parents=True, exist_ok=True)
     np.save(path, feats)
