@@ -156,7 +156,10 @@ def test_convert_official_compat_weights_then_load_and_score(tmp_path):
     ("reranker", "mining=sideways", "mining must be one of"),
     ("reranker", "novalue", "--set expects KEY=VALUE"),
     ("reranker", "steps=5", "--set steps: use its own option"),
-    ("first", "lr=0.1", "--set applies to --stage reranker only"),
+    ("first", "lr=0.1", "--set applies to --stage reranker and --stage split only"),
+    ("split", "bogus=1", "unknown split reranker options ['bogus']"),
+    ("split", "candidates=1", "candidates must be >= 2"),
+    ("split", "views=[\"sideways\"]", "views must be a non-empty subset of orig/flip"),
 ])
 def test_train_set_rejects_bad_options_before_any_work(tmp_path, stage, setting, expected):
     tsv = tmp_path / "captions.tsv"
