@@ -75,7 +75,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     pairs = 32 if quick else 128
     texts = [C.QUERY] * pairs
     patches = torch.randn(pairs, 256, 384)  # DINOv2 patch tokens for the full-joint adapter
-    cells = torch.randn(pairs, m_new, new.config.vision_width)  # pooled cells for the split reranker's adapter
+    from edje_qdrant.models.colour import WIDTH as COLOUR_WIDTH
+
+    width = new.config.vision_width + (COLOUR_WIDTH if new.config.colour else 0)
+    cells = torch.randn(pairs, m_new, width)  # pooled cells (+ colour features) for the split reranker's adapter
     with torch.inference_mode():
         text, mask = new.encode_text([C.QUERY])  # cached once per caption in training
     text, mask = text.clone().expand(pairs, -1, -1), mask.clone().expand(pairs, -1)
