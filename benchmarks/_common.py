@@ -187,9 +187,9 @@ def joint_encoder(num_layers: int = 6, num_tokens: int = 64, preset: Any | None 
     what = f"random MiniLM-L{num_layers}-shaped, m={num_tokens}"
     if num_layers == 6:
         try:
-            from edje_qdrant.models.flickr8k_preset import init_from_minilm
+            from edje_qdrant.models.minilm import init_edje_reranker
 
-            init_from_minilm(model, zero_head=False)
+            init_edje_reranker(model, zero_head=False)
             what = f"stand-in: all-MiniLM-L6-v2 encoder weights + random adapter/head, m={num_tokens}"
         except Exception:
             pass

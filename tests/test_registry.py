@@ -113,8 +113,8 @@ def test_directory_weight_errors(tmp_path, tiny):
     save_compact(tiny.reranker, tmp_path / "bad", preset="tiny-random", fp16=True)
     w = tmp_path / "bad" / "weights.safetensors"
     tensors = load_file(str(w))
-    del tensors["head.1.bias"]
-    tensors["head.2.weight"] = torch.zeros(1)
+    del tensors["reranker.head.1.bias"]
+    tensors["reranker.head.2.weight"] = torch.zeros(1)
     save_file(tensors, str(w))
     with pytest.raises(CheckpointKeyError, match=r"missing \['head.1.bias'\], unexpected \['head.2.weight'\]"):
         load_model(str(tmp_path / "bad"), device="cpu")

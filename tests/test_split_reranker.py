@@ -174,8 +174,8 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
                                           "steps": 1, "train_seconds": 1.0, "pairs_per_second": 1.0}))
     pdir = export_split_preset(run, tmp_path / "preset", preset.PRESET_DIR)
     cfg = json.loads((pdir / "config.json").read_text())
-    assert cfg["version"] == 2 and cfg["token_layers"] == [9, 12] and "edje_reranker" not in cfg
-    assert cfg["split_reranker"]["colour"] is True
+    assert cfg["version"] == 2 and cfg["token_layers"] == [9, 12] and cfg["format"] == 2
+    assert cfg["reranker"]["kind"] == "split" and cfg["reranker"]["colour"] is True
     model = load_model(str(pdir), device="cpu", precision="fp32")
     assert model.num_tokens == 16 and isinstance(model.reranker, SplitReranker)
     pixels = torch.randn(3, 3, 224, 224)

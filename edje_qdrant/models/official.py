@@ -20,7 +20,6 @@ installed). Key handling, deliberately:
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -28,16 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from edje_qdrant.errors import CheckpointKeyError, ModelError
+from edje_qdrant.models import model_dir
 from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_HUB_REPO = "shahafw/edje-vl-image-retrieval-reranker"
-COMPACT_FORMAT = "edje-qdrant-reranker"
-COMPACT_WEIGHTS = "weights.safetensors"
 
 _RENAMES = (
     ("vision_projection.", "adapter."),
@@ -371,19 +369,13 @@ def reranker_to_official_state(model: EdjeReranker, text_projection_dim: int | N
 # ---------------------------------------------------------------- compact format
 def save_compact(model: EdjeReranker, dst_dir: str | Path, preset: str, fp16: bool = False,
                  extra: dict[str, Any] | None = None) -> Path:
-    """Write config.json + weights.safetensors (adapter, joint encoder, head only)."""
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_dict()
-    cfg["mlm_head"] = False
+    """Write a model folder (``model_dir`` format) holding this reranker (adapter, joint encoder, head); the
+    towers come from ``preset``."""
+    cfg = {**model.config.to_dict(), "mlm_head": False, "kind": "edje"}
     dtype = torch.float16 if fp16 else torch.float32
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
-               if not k.startswith("mlm.")}
-    save_file(tensors, str(dst / COMPACT_WEIGHTS), metadata={"format": COMPACT_FORMAT})
-    meta = {"format": COMPACT_FORMAT, "format_version": 1, "preset": preset, "dtype": str(dtype).split(".")[-1],
-            "reranker": cfg, **(extra or {})}
-    (dst / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return dst
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")}
+    config = {"preset": preset, "dtype": str(dtype).split(".")[-1], "reranker": cfg, **(extra or {})}
+    return model_dir.write(Path(dst_dir), config, {"reranker": state}, dtype=dtype)
 
 
 def convert_official(src: str | Path, dst_dir: str | Path, fp16: bool = False,

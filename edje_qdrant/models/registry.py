@@ -4,33 +4,30 @@ A preset is a function ``factory(spec: PresetSpec) -> EdjeModel`` registered und
 reranker on the CPU in float32 (``fingerprint`` may be left empty); ``load_model`` then loads any weights from a
 local directory, puts everything in eval mode on the device, and computes the fingerprint.
 
-A local directory works like a preset name: its ``config.json`` names the preset (``"preset": ...``) and may hold
-preset options plus a ``"reranker"`` section (``RerankerConfig`` fields). When that section is present the factory
-must build the reranker from it (``build_reranker(spec, default)`` does this) and the weights come from the
-directory's ``weights.safetensors``: reranker keys as they are (``adapter.*``, ``bert.*``, ``head.*``), optional tower
-keys under ``vision_tower.`` / ``text_tower.`` (towers that are ``nn.Module``s). ``convert`` writes this layout.
+A model folder (``models/model_dir.py``: config.json + weights.safetensors) works like a preset name: its config
+names the preset and may hold preset options and a ``"reranker"`` section; the factory builds that reranker
+(``build_reranker(spec, default)``) and ``load_model`` overlays the folder's weights with the one loader. A preset
+may ship its own folder (``register_preset(..., folder=)``); loading its name loads that folder.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from edje_qdrant.errors import CheckpointKeyError, InputError, ModelError
+from edje_qdrant.errors import InputError, ModelError
+from edje_qdrant.models import model_dir
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.model_dir import WEIGHTS_FILE
+from edje_qdrant.models.reranker import RerankerConfig
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "weights.safetensors"
-_TOWER_PREFIXES = {"vision_tower.": "vision", "text_tower.": "text"}
 
 
 @dataclass
@@ -45,19 +42,28 @@ class PresetSpec:
 
     @property
     def reranker_config(self) -> RerankerConfig | None:
+        """The folder's full-joint reranker config (None without one, or for another kind)."""
         section = self.config.get("reranker")
-        return RerankerConfig.from_dict(section) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or section.get("kind", "edje") != "edje":
+            return None
+        return RerankerConfig.from_dict({k: v for k, v in section.items() if k != "kind"})
 
 
 PresetFactory = Callable[[PresetSpec], EdjeModel]
 _PRESETS: dict[str, PresetFactory] = {}
+_PRESET_DIRS: dict[str, Path] = {}
 
 
-def register_preset(name: str, factory: PresetFactory) -> None:
-    """Register ``factory`` under ``name`` (re-registering the same name replaces it)."""
+def register_preset(name: str, factory: PresetFactory, folder: Path | None = None) -> None:
+    """Register ``factory`` under ``name`` (re-registering the same name replaces it). ``folder``: a model folder
+    shipped with the preset; loading the name then loads that folder."""
     if not name or "/" in name:
         raise InputError(f"preset name {name!r} must be non-empty and contain no '/'")
     _PRESETS[name] = factory
+    if folder is not None:
+        _PRESET_DIRS[name] = folder
+    else:
+        _PRESET_DIRS.pop(name, None)
 
 
 def _ensure_builtin() -> None:
@@ -78,10 +84,11 @@ def available_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
-def build_reranker(spec: PresetSpec, default: Callable[[], EdjeReranker]) -> EdjeReranker:
-    """The reranker a factory should use: from the directory's config when it has one, else ``default()``."""
-    cfg = spec.reranker_config
-    return EdjeReranker(cfg) if cfg is not None else default()
+def build_reranker(spec: PresetSpec, default: Callable[[], nn.Module]) -> nn.Module:
+    """The reranker a factory should use: the kind and shape of the folder's config when it has one (weights are
+    loaded afterwards by ``load_model``), else ``default()``."""
+    section = spec.config.get("reranker")
+    return model_dir.reranker_from_config(section) if isinstance(section, dict) else default()
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -143,54 +150,26 @@ def _resolve_precision(precision: str | None, device: torch.device) -> str:
     return precision
 
 
-def _read_dir_config(directory: Path) -> dict[str, Any]:
-    cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
-        raise ModelError(f"{directory}: no config.json; a model directory needs one naming its preset "
-                         f"(\"preset\": one of {available_presets()}). For an official checkpoint use "
-                         "`convert` first")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{cfg_path}: not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("preset"), str):
-        raise ModelError(f"{cfg_path}: needs a string field \"preset\" (one of {available_presets()})")
-    return cfg
-
-
-def _load_dir_weights(model: EdjeModel, directory: Path, require_reranker: bool) -> None:
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        if require_reranker:
+def _load_dir_weights(model: EdjeModel, directory: Path, config: dict[str, Any]) -> None:
+    """Overlay the folder's weights on what the factory built (one loader for every preset)."""
+    path = model_dir.weights_file(directory)
+    if path is None:
+        if "reranker" in config:
             raise ModelError(f"{directory}: config.json has a \"reranker\" section but {WEIGHTS_FILE} is missing")
         return
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise ModelError(f"{path}: not a readable safetensors file ({exc})") from exc
-    groups: dict[str, dict[str, torch.Tensor]] = {"reranker": {}, "vision": {}, "text": {}}
-    for key, t in tensors.items():
-        role = next((r for p, r in _TOWER_PREFIXES.items() if key.startswith(p)), "reranker")
-        groups[role][key.split(".", 1)[1] if role != "reranker" else key] = t
+    parts = model_dir.read_weights(path)
+    if "reranker" in config and not parts["reranker"]:
+        raise ModelError(f"{path}: config.json has a \"reranker\" section but the file holds no reranker weights")
     targets = {"reranker": model.reranker, "vision": model.vision, "text": model.text}
-    for role, sd in groups.items():
-        if not sd:
+    for part, state in parts.items():
+        if not state:
             continue
-        module = targets[role]
+        module = targets[part]
         if not isinstance(module, nn.Module):
-            raise ModelError(f"{path}: has {role} tower weights but the {role} tower of preset {model.name!r} "
+            raise ModelError(f"{path}: has {part} weights but the {part} tower of preset {model.name!r} "
                              "takes no weights")
-        want = module.state_dict()
-        if role == "reranker":  # the optional MLM head is not part of stored models
-            want = {k: v for k, v in want.items() if not k.startswith("mlm.")}
-        missing = sorted(set(want) - set(sd))
-        unexpected = sorted(set(sd) - set(want))
-        shapes = [f"{k}: file {list(sd[k].shape)} vs model {list(want[k].shape)}"
-                  for k in sd if k in want and sd[k].shape != want[k].shape]
-        if missing or unexpected or shapes:
-            raise CheckpointKeyError(f"{path} ({role}): missing {missing}, unexpected {unexpected}, "
-                                     f"shape mismatches {shapes}")
-        module.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=False)
+        base = model.base_weights.get(part, ()) + (("mlm.",) if part == "reranker" else ())
+        model_dir.load_part(module, state, f"{path} ({part})", base)
 
 
 def _place(obj: Any, device: torch.device) -> None:
@@ -213,8 +192,10 @@ def load_model(name_or_path: str, device: str | None = None, precision: str | No
     config: dict[str, Any] = {}
     if name_or_path in _PRESETS:
         name = str(name_or_path)
+        directory = _PRESET_DIRS.get(name)
+        config = model_dir.read_config(directory, presets) if directory is not None else {}
     elif path.is_dir():
-        directory, config = path, _read_dir_config(path)
+        directory, config = path, model_dir.read_config(path, presets)
         name = config["preset"]
         if name not in _PRESETS:
             raise ModelError(f"{path / 'config.json'}: unknown preset {name!r}; available: {presets}")
@@ -226,7 +207,7 @@ def load_model(name_or_path: str, device: str | None = None, precision: str | No
     spec = PresetSpec(name=name, config=config, directory=directory, device=dev, precision=prec)
     model = _PRESETS[name](spec)
     if directory is not None:
-        _load_dir_weights(model, directory, require_reranker=spec.reranker_config is not None)
+        _load_dir_weights(model, directory, config)
     for part in (model.vision, model.text, model.reranker):
         _place(part, torch.device("cpu"))
     model.fingerprint = fingerprint(model)

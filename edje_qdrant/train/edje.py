@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edje_qdrant.errors import InputError, ModelError
-from edje_qdrant.models.flickr8k_preset import init_from_minilm, reranker_config
+from edje_qdrant.models.minilm import edje_reranker_config, init_edje_reranker
 from edje_qdrant.models.reranker import EdjeReranker
 from edje_qdrant.train import checkpoint as ckpt
 from edje_qdrant.train.common import autocast, cosine_lr, pick_device, use_bf16
@@ -360,9 +360,9 @@ def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_imag
     random.seed(o.seed)
     np.random.seed(o.seed)
     if reranker is None:
-        reranker = EdjeReranker(reranker_config(o.num_tokens, o.adapter_hidden, mlm_head=o.mlm_weight > 0,
+        reranker = EdjeReranker(edje_reranker_config(o.num_tokens, o.adapter_hidden, mlm_head=o.mlm_weight > 0,
                                                 num_layers=o.num_layers))
-        init_from_minilm(reranker)
+        init_edje_reranker(reranker)
         sample = patches_of(list(range(min(32, len(data.images)))))
         if o.adapter_init == "prototypes":
             init_adapter_prototypes(reranker, sample, o.seed)
@@ -458,7 +458,7 @@ def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_imag
     elapsed = time.time() - t0
     save_file({k: v.contiguous() for k, v in trainable_reranker_state(reranker).items()}, str(out / WEIGHTS))
     config = {"options": asdict(o), "alpha": alpha, "steps": step, "finished": step >= o.steps, "train_seconds_this_run": round(elapsed, 1),
-              "reranker": reranker_config(o.num_tokens, o.adapter_hidden, num_layers=o.num_layers).to_dict(),
+              "reranker": edje_reranker_config(o.num_tokens, o.adapter_hidden, num_layers=o.num_layers).to_dict(),
               "last_losses": history[-20:]}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config

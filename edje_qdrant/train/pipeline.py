@@ -152,24 +152,19 @@ def train_reranker(captions: str | Path, images: str | Path, out: str | Path, *,
 
 
 def export_preset(out: str | Path, preset_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Write ``trained.safetensors`` (fp16, only trained weights) + ``config.json`` of the preset into
-    ``preset_dir`` from a training folder ``out`` (first stage required, reranker optional: a missing reranker
-    is exported at its initial state, which ranks exactly like the first stage)."""
-    from safetensors.torch import load_file, save_file
+    """Write the preset's model folder (``model_dir`` format, fp16, only trained weights) into ``preset_dir`` from
+    a training folder ``out`` (first stage required, reranker optional: a missing reranker is exported at its
+    initial state, which ranks exactly like the first stage)."""
+    from safetensors.torch import load_file
 
-    from edje_qdrant.models.flickr8k_preset import NAME, init_from_minilm, reranker_config
+    from edje_qdrant.models import model_dir
+    from edje_qdrant.models.flickr8k_preset import NAME
+    from edje_qdrant.models.minilm import edje_reranker_config, init_edje_reranker
     from edje_qdrant.models.reranker import EdjeReranker
     from edje_qdrant.train.edje import trainable_reranker_state
 
-    out, preset_dir = Path(out), Path(preset_dir)
-    preset_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
     fs_cfg = json.loads((out / fs.CONFIG).read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for key, t in load_file(str(out / fs.WEIGHTS)).items():
-        if key.startswith("text."):
-            tensors["text." + key[len("text."):]] = t
-        elif key.startswith("image."):
-            tensors["vision.head." + key[len("image."):]] = t
     r_path = out / "reranker.safetensors"
     if r_path.is_file():
         r_cfg = json.loads((out / "reranker.json").read_text())
@@ -177,47 +172,55 @@ def export_preset(out: str | Path, preset_dir: str | Path, metrics: dict[str, An
         rconf = r_cfg["reranker"]
         residual = bool(r_cfg["options"]["residual"])
     else:
-        rconf = reranker_config().to_dict()
-        model = EdjeReranker(reranker_config())
-        init_from_minilm(model)
+        rconf = edje_reranker_config().to_dict()
+        model = EdjeReranker(edje_reranker_config())
+        init_edje_reranker(model)
         rsd = trainable_reranker_state(model)
         residual = True
-    for key, t in rsd.items():
-        tensors["reranker." + key] = t
-    tensors = {k: v.to(torch.float16).contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(preset_dir / "trained.safetensors"))
     config = {"preset": NAME, "clip_dim": fs_cfg["clip_dim"], "text_train_layers": fs_cfg["train_layers"],
-              "edje_reranker": rconf,
+              "reranker": {**rconf, "kind": "edje"},
               "fusion": {"first_stage_weight": float(fs_cfg["logit_scale"]) if residual else 0.0},
-              "first_stage": {k: v for k, v in fs_cfg.items()}, "metrics": metrics or {}}
-    (preset_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return preset_dir
+              "first_stage": dict(fs_cfg), "metrics": metrics or {}}
+    return model_dir.write(Path(preset_dir), config, {**_first_stage_parts(out), "reranker": rsd})
+
+
+def _first_stage_parts(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The trained first stage of a training folder as model-folder parts (text tower, vision head)."""
+    from safetensors.torch import load_file
+
+    parts: dict[str, dict[str, torch.Tensor]] = {"text": {}, "vision": {}}
+    for key, t in load_file(str(out / fs.WEIGHTS)).items():
+        if key.startswith("text."):
+            parts["text"][key[len("text."):]] = t
+        elif key.startswith("image."):
+            parts["vision"]["head." + key[len("image."):]] = t
+    return parts
 
 
 def export_split_preset(run: str | Path, preset_dir: str | Path, first_stage_from: str | Path,
                         metrics: dict[str, Any] | None = None, version: int = 2) -> Path:
-    """Write a preset folder whose reranker is the split reranker trained in ``run`` and whose first stage
-    (tuned text layers, LiT heads, fusion weight) is copied from the preset folder ``first_stage_from``."""
-    from safetensors.torch import load_file, save_file
+    """Write a model folder whose reranker is the split reranker trained in ``run`` and whose first stage
+    (tuned text layers, LiT heads, fusion weight) is copied from the model folder ``first_stage_from``."""
+    from safetensors.torch import load_file
 
-    from edje_qdrant.models.flickr8k_preset import CONFIG_FILE, TRAINED_FILE
+    from edje_qdrant.models import model_dir
     from edje_qdrant.train.split_reranker import CONFIG, WEIGHTS
 
-    run, preset_dir, source = Path(run), Path(preset_dir), Path(first_stage_from)
-    src_cfg = json.loads((source / CONFIG_FILE).read_text())
-    tensors = {k: v for k, v in load_file(str(source / TRAINED_FILE)).items() if not k.startswith("reranker.")}
-    tensors.update({"reranker." + k: v for k, v in load_file(str(run / WEIGHTS)).items()})
+    run, source = Path(run), Path(first_stage_from)
+    src_cfg = model_dir.read_config(source)
+    src_file = model_dir.weights_file(source)
+    if src_file is None:
+        raise ModelError(f"{source}: no weights file; pass the model folder whose first stage to keep")
+    parts = model_dir.read_weights(src_file)
+    parts["reranker"] = load_file(str(run / WEIGHTS))
     run_cfg = json.loads((run / CONFIG).read_text())
-    config = {k: v for k, v in src_cfg.items() if k not in ("edje_reranker", "metrics")}
-    config.update({"version": version, "split_reranker": run_cfg["reranker"],
+    config = {k: v for k, v in src_cfg.items() if k not in ("reranker", "metrics")}
+    config.update({"version": version, "reranker": {**run_cfg["reranker"], "kind": "split"},
                    "token_layers": list(run_cfg["options"]["layers"]),
                    "reranker_training": {k: run_cfg[k] for k in ("options", "steps", "train_seconds",
                                                                    "pairs_per_second")},
                    "metrics": metrics or {}})
-    preset_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(preset_dir / TRAINED_FILE))
-    (preset_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return preset_dir
+    return model_dir.write(Path(preset_dir), config, parts)
 
 
 def train_split(captions: str | Path, images: str | Path, out: str | Path, options: dict[str, Any] | None = None,
@@ -228,7 +231,8 @@ def train_split(captions: str | Path, images: str | Path, out: str | Path, optio
     stages (the shipped preset's first-stage recipe) in ``out/crossfit``, then training into ``out/<run_name>``.
     ``candidates="production"`` takes candidates and residual scores from the shipped first stage instead."""
     from edje_qdrant.models import load_model
-    from edje_qdrant.models.flickr8k_preset import NAME, PRESET_DIR, read_config
+    from edje_qdrant.models import model_dir
+    from edje_qdrant.models.flickr8k_preset import NAME, PRESET_DIR
     from edje_qdrant.train.crossfit import HeldOutScores, heldout_scores, train_crossfit
     from edje_qdrant.train.split_reranker import SplitTrainOptions, train_split_reranker
     from edje_qdrant.train.token_cache import build_view_caches, view_folder
@@ -247,7 +251,7 @@ def train_split(captions: str | Path, images: str | Path, out: str | Path, optio
     build_view_caches(images, names, root, layers=tuple(sorted(set(opts.layers) | {12})), views=("orig", "flip"),
                       device=str(dev), bf16=bf16, progress=progress)
     last = view_folder(root, "orig", 12)
-    recipe = read_config(PRESET_DIR)["first_stage"]
+    recipe = model_dir.read_config(PRESET_DIR)["first_stage"]
     train_crossfit(captions, images, out / "crossfit", folds=folds, cache=last, epochs=recipe["epochs"],
                    batch_size=recipe["batch_size"], lr=recipe["lr"], head_lr=recipe["head_lr"],
                    train_layers=recipe["train_layers"], clip_dim=recipe["clip_dim"], progress=progress)
