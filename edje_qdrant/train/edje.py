@@ -349,116 +349,159 @@ def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_imag
     Checkpoints to ``out/reranker.ckpt`` every ``opts.checkpoint_every`` steps; ``resume`` continues it.
     Writes ``out/reranker.safetensors`` (trained weights only) and ``out/reranker.json``.
     """
-    from safetensors.torch import save_file
-
     o = opts or EdjeTrainOptions()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     bf16 = use_bf16(dev, precision)
-    torch.manual_seed(o.seed)
-    random.seed(o.seed)
-    np.random.seed(o.seed)
+    seed_everything(o.seed)
     if reranker is None:
-        reranker = EdjeReranker(edje_reranker_config(o.num_tokens, o.adapter_hidden, mlm_head=o.mlm_weight > 0,
-                                                num_layers=o.num_layers))
-        init_edje_reranker(reranker)
-        sample = patches_of(list(range(min(32, len(data.images)))))
-        if o.adapter_init == "prototypes":
-            init_adapter_prototypes(reranker, sample, o.seed)
-        else:
-            init_adapter_queries(reranker, sample, o.seed)
-        if o.head_init_std > 0:
-            with torch.no_grad():
-                reranker.head[1].weight.normal_(0.0, o.head_init_std)
+        reranker = initial_reranker(o, patches_of(list(range(min(32, len(data.images))))))
     trainer = EdjeTrainer(reranker, fs_text.shape[1], alpha, o).to(dev)
-    opt = torch.optim.AdamW(_param_groups(trainer, o), weight_decay=0.01)
+    run = _Run(trainer, torch.optim.AdamW(_param_groups(trainer, o), weight_decay=0.01), out / "reranker.ckpt")
+    if resume:
+        run.resume()
     miner = NegativeMiner(data)
-    per_image = miner.per_image
-    if o.mining == "global" and not isinstance(fs_text, torch.Tensor):
+    if o.mining == "global" and not isinstance(fs_text, torch.Tensor):  # lazily computed embeddings
         fs_text = fs_text[list(range(len(data.captions)))]
-    step = 0
-    ck_path = out / "reranker.ckpt"
-    history: list[dict[str, float]] = []
-    if resume and ck_path.is_file():
-        state = ckpt.load_checkpoint(ck_path)
-        missing, unexpected = trainer.load_state_dict(state["model"], strict=False)
-        if unexpected:
-            raise ModelError(f"{ck_path}: unexpected keys {unexpected}; it belongs to another configuration")
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        ckpt.set_rng_state(state["rng"])
-        history = json.loads(state["extra"].get("history", "[]")) if isinstance(state["extra"], dict) else []
-        log.info("resumed reranker training at step %d", step)
-
-    def save() -> None:
-        sd = {k: v.detach().clone() for k, v in trainer.state_dict().items()
-              if k not in ("reranker.bert.embeddings.word_embeddings.weight",
-                           "reranker.mlm.predictions.decoder.weight")}
-        ckpt.save_checkpoint(ck_path, model=sd, optimizer=opt.state_dict(), step=step, epoch=0,
-                             extra={"history": json.dumps(history[-200:])})
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=o.steps, initial=step, desc="EDJE reranker", unit="step")
-    g = torch.Generator().manual_seed(o.seed + 17)
+    bar = _progress_bar(progress, o.steps, run.step)
     t0 = time.time()
-    n_img = len(data.images)
-    while step < o.steps:
+    while run.step < o.steps:
         if o.time_limit_s is not None and time.time() - t0 > o.time_limit_s:
-            log.info("time limit reached at step %d; resume later with resume=True", step)
-            save()
+            log.info("time limit reached at step %d; resume later with resume=True", run.step)
+            run.save()
             break
-        gstep = torch.Generator().manual_seed(o.seed * 100003 + step)
-        warming = step < o.adapter_warmup_steps
-        img = torch.randperm(n_img, generator=gstep)[: o.adapter_warmup_batch if warming else o.batch_size]
-        caps_idx = [per_image[int(i)][int(torch.randint(len(per_image[int(i)]), (1,), generator=gstep))]
-                    for i in img]
-        if warming:
-            groups = StepGroups(captions=caps_idx, images=img.tolist())
-        elif o.mining == "global":
-            groups = miner.global_(img.tolist(), caps_idx, fs_text, fs_image, o.negatives_t2i, o.negatives_i2t,
-                                   o.negative_pool, g)
-        else:
-            groups = miner.in_batch(img.tolist(), caps_idx, fs_text[caps_idx], fs_image[img], o.negatives_t2i,
-                                    o.negatives_i2t, o.negative_pool, g)
-        captions = [data.captions[c] for c in groups.captions]
-        mult = cosine_lr(step, o.steps, o.warmup)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
-        trainer.train()
-        with autocast(dev, bf16):
-            if warming:
-                parts = trainer.adapter_warmup_losses(patches_of(groups.images).float(), fs_text[caps_idx])
-            else:
-                parts = trainer.losses(groups, captions, patches_of(groups.images).float(),
-                                       fs_text[groups.captions].to(dev), fs_image[groups.images].to(dev),
-                                       generator=g)
-            loss = trainer.total(parts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if warming:  # only the adapter and the image projection learn during the warm-up
-            for grp in opt.param_groups:
-                for p in grp["params"]:
-                    if grp["name"] == "body" or (grp["name"] == "head" and p is not trainer.image_proj.weight
-                                                  and p is not trainer.image_proj.bias):
-                        p.grad = None
-        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
-        opt.step()
-        step += 1
-        history.append({k: round(float(v.detach()), 4) for k, v in parts.items()} | {"step": step})
+        parts = _train_step(run, miner, data, patches_of, fs_text, fs_image, o, dev, bf16)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in parts.items()})
-        if step % o.checkpoint_every == 0 or step == o.steps:
-            save()
+        if run.step % o.checkpoint_every == 0 or run.step == o.steps:
+            run.save()
     if bar is not None:
         bar.close()
-    elapsed = time.time() - t0
+    return _write_result(out, reranker, o, alpha, run, time.time() - t0)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, random and numpy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def initial_reranker(o: EdjeTrainOptions, sample_patches: torch.Tensor) -> EdjeReranker:
+    """MiniLM-initialised reranker with its adapter queries set from a sample of patch tokens."""
+    reranker = EdjeReranker(edje_reranker_config(o.num_tokens, o.adapter_hidden, mlm_head=o.mlm_weight > 0,
+                                                 num_layers=o.num_layers))
+    init_edje_reranker(reranker)
+    if o.adapter_init == "prototypes":
+        init_adapter_prototypes(reranker, sample_patches, o.seed)
+    else:
+        init_adapter_queries(reranker, sample_patches, o.seed)
+    if o.head_init_std > 0:
+        with torch.no_grad():
+            reranker.head[1].weight.normal_(0.0, o.head_init_std)
+    return reranker
+
+
+class _Run:
+    """Trainer + optimizer + step count + loss history, and the checkpoint that resumes them."""
+
+    _NOT_SAVED = ("reranker.bert.embeddings.word_embeddings.weight", "reranker.mlm.predictions.decoder.weight")
+
+    def __init__(self, trainer: EdjeTrainer, opt: torch.optim.Optimizer, path: Path) -> None:
+        self.trainer, self.opt, self.path = trainer, opt, path
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    def resume(self) -> None:
+        if not self.path.is_file():
+            return
+        state = ckpt.load_checkpoint(self.path)
+        _, unexpected = self.trainer.load_state_dict(state["model"], strict=False)
+        if unexpected:
+            raise ModelError(f"{self.path}: unexpected keys {unexpected}; it belongs to another configuration")
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        ckpt.set_rng_state(state["rng"])
+        extra = state["extra"]
+        self.history = json.loads(extra.get("history", "[]")) if isinstance(extra, dict) else []
+        log.info("resumed reranker training at step %d", self.step)
+
+    def save(self) -> None:
+        sd = {k: v.detach().clone() for k, v in self.trainer.state_dict().items() if k not in self._NOT_SAVED}
+        ckpt.save_checkpoint(self.path, model=sd, optimizer=self.opt.state_dict(), step=self.step, epoch=0,
+                             extra={"history": json.dumps(self.history[-200:])})
+
+
+def _progress_bar(progress: bool, total: int, initial: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="EDJE reranker", unit="step")
+
+
+def _step_groups(miner: NegativeMiner, data: CaptionSet, fs_text: torch.Tensor, fs_image: torch.Tensor,
+                 o: EdjeTrainOptions, step: int, warming: bool) -> StepGroups:
+    """This step's anchors (images + one caption each) and their hard negatives; a function of the step only."""
+    gstep = torch.Generator().manual_seed(o.seed * 100003 + step)
+    img = torch.randperm(len(data.images), generator=gstep)[: o.adapter_warmup_batch if warming else o.batch_size]
+    per_image = miner.per_image
+    caps = [per_image[int(i)][int(torch.randint(len(per_image[int(i)]), (1,), generator=gstep))] for i in img]
+    if warming:
+        return StepGroups(captions=caps, images=img.tolist())
+    g = torch.Generator().manual_seed(o.seed + 17 + step)
+    if o.mining == "global":
+        return miner.global_(img.tolist(), caps, fs_text, fs_image, o.negatives_t2i, o.negatives_i2t,
+                             o.negative_pool, g)
+    return miner.in_batch(img.tolist(), caps, fs_text[caps], fs_image[img], o.negatives_t2i, o.negatives_i2t,
+                          o.negative_pool, g)
+
+
+def _train_step(run: _Run, miner: NegativeMiner, data: CaptionSet, patches_of: Any, fs_text: torch.Tensor,
+                fs_image: torch.Tensor, o: EdjeTrainOptions, dev: torch.device, bf16: bool
+                ) -> dict[str, torch.Tensor]:
+    """One optimizer step (adapter warm-up steps train only the adapter and the image projection)."""
+    trainer, opt = run.trainer, run.opt
+    warming = run.step < o.adapter_warmup_steps
+    groups = _step_groups(miner, data, fs_text, fs_image, o, run.step, warming)
+    mult = cosine_lr(run.step, o.steps, o.warmup)
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * mult
+    trainer.train()
+    with autocast(dev, bf16):
+        patches = patches_of(groups.images).float()
+        if warming:
+            parts = trainer.adapter_warmup_losses(patches, fs_text[groups.captions])
+        else:
+            g = torch.Generator().manual_seed(o.seed + 31 + run.step)
+            parts = trainer.losses(groups, [data.captions[c] for c in groups.captions], patches,
+                                   fs_text[groups.captions].to(dev), fs_image[groups.images].to(dev), generator=g)
+        loss = trainer.total(parts)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if warming:
+        keep = {id(trainer.image_proj.weight), id(trainer.image_proj.bias)}
+        for grp in opt.param_groups:
+            for p in grp["params"]:
+                if grp["name"] == "body" or (grp["name"] == "head" and id(p) not in keep):
+                    p.grad = None
+    torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
+    opt.step()
+    run.step += 1
+    run.history.append({k: round(float(v.detach()), 4) for k, v in parts.items()} | {"step": run.step})
+    return parts
+
+
+def _write_result(out: Path, reranker: EdjeReranker, o: EdjeTrainOptions, alpha: float, run: _Run,
+                  elapsed: float) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in trainable_reranker_state(reranker).items()}, str(out / WEIGHTS))
-    config = {"options": asdict(o), "alpha": alpha, "steps": step, "finished": step >= o.steps, "train_seconds_this_run": round(elapsed, 1),
+    config = {"options": asdict(o), "alpha": alpha, "steps": run.step, "finished": run.step >= o.steps,
+              "train_seconds_this_run": round(elapsed, 1),
               "reranker": edje_reranker_config(o.num_tokens, o.adapter_hidden, num_layers=o.num_layers).to_dict(),
-              "last_losses": history[-20:]}
+              "last_losses": run.history[-20:]}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config

@@ -100,8 +100,6 @@ def train_first_stage(captions: str | Path, images: str | Path, out: str | Path,
     Resumable: ``out/first_stage.ckpt`` is written every ``checkpoint_every`` steps and at every epoch end;
     ``resume=True`` continues from it (step count, optimizer, RNG). Returns the config dict incl. dev metrics.
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
@@ -110,78 +108,21 @@ def train_first_stage(captions: str | Path, images: str | Path, out: str | Path,
     names, feats = _global_features(tc, folder)
     index = {n: i for i, n in enumerate(names)}
     train = caption_set(rows, "train")
-    train_feats = feats[[index[n] for n in train.images]]
-    per_image: list[list[int]] = [[] for _ in train.images]
-    for ci, ii in enumerate(train.caption_image):
-        per_image[ii].append(ci)
-
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     model = FirstStage(clip_dim, train_layers).to(dev)
-    heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("text.bert.")]
-    body = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("text.bert.")]
-    opt = torch.optim.AdamW([{"params": heads, "lr": head_lr, "base_lr": head_lr},
-                             {"params": body, "lr": lr, "base_lr": lr}], weight_decay=0.01)
-    steps_per_epoch = len(train.images) // batch_size
-    if steps_per_epoch == 0:
-        raise InputError(f"batch size {batch_size} exceeds the {len(train.images)} training images")
-    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    step, start_epoch = 0, 0
-    ck_path = out / "first_stage.ckpt"
-    if resume and ck_path.is_file():
-        state = ckpt.load_checkpoint(ck_path)
-        model.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        step, start_epoch = state["step"], state["epoch"]
-        ckpt.set_rng_state(state["rng"])
-        log.info("resumed first stage at step %d (epoch %d)", step, start_epoch)
-
-    def save(epoch: int) -> None:
-        ckpt.save_checkpoint(ck_path, model=model.trainable_state(), optimizer=opt.state_dict(), step=step,
-                             epoch=epoch)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, desc="first stage", unit="step")
+    loop = _EpochLoop(model, _optimizer(model, lr, head_lr), train, feats[[index[n] for n in train.images]],
+                      batch_size, out / "first_stage.ckpt", checkpoint_every)
+    total = loop.steps_per_epoch * epochs if max_steps is None else min(max_steps, loop.steps_per_epoch * epochs)
+    if resume:
+        loop.resume()
     t0 = time.time()
-    for epoch in range(start_epoch, epochs):
-        if step >= total:
-            break
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(len(train.images), generator=g).tolist()
-        done_in_epoch = step - epoch * steps_per_epoch
-        for b in range(max(0, done_in_epoch), steps_per_epoch):
-            if step >= total:
-                break
-            model.train()
-            img_idx = order[b * batch_size:(b + 1) * batch_size]
-            caps = [train.captions[random.choice(per_image[i])] for i in img_idx]
-            mult = cosine_lr(step, total, max(1, total // 20))
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * mult
-            with autocast(dev, bf16):
-                img = model.image(train_feats[img_idx].to(dev))
-                txt = model.text.encode(caps)
-                loss = clip_loss(img.float(), txt.float(), model.logit_scale.clamp(max=math.log(100.0)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
-            if step % checkpoint_every == 0:
-                save(epoch)
-        finished = step - epoch * steps_per_epoch >= steps_per_epoch
-        save(epoch + 1 if finished else epoch)
-    if bar is not None:
-        bar.close()
-    elapsed = time.time() - t0
-    config: dict[str, Any] = {"clip_dim": clip_dim, "train_layers": train_layers, "steps": step,
+    loop.run(epochs, total, seed, dev, bf16, progress)
+    config: dict[str, Any] = {"clip_dim": clip_dim, "train_layers": train_layers, "steps": loop.step,
                               "batch_size": batch_size, "epochs": epochs, "lr": lr, "head_lr": head_lr,
-                              "logit_scale": float(model.logit_scale.detach().exp()), "train_seconds": round(elapsed, 1)}
+                              "logit_scale": float(model.logit_scale.detach().exp()),
+                              "train_seconds": round(time.time() - t0, 1)}
     if eval_split:
         try:
             ev = caption_set(rows, eval_split)
@@ -189,6 +130,85 @@ def train_first_stage(captions: str | Path, images: str | Path, out: str | Path,
                 model, ev, feats[[index[n] for n in ev.images]], dev, bf16)
         except InputError as exc:
             log.warning("no evaluation: %s", exc)
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in model.trainable_state().items()}, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config
+
+
+def _optimizer(model: FirstStage, lr: float, head_lr: float) -> torch.optim.Optimizer:
+    """AdamW with the projections (and logit scale) at ``head_lr`` and the tuned MiniLM layers at ``lr``."""
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("text.bert.")]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("text.bert.")]
+    return torch.optim.AdamW([{"params": heads, "lr": head_lr, "base_lr": head_lr},
+                              {"params": body, "lr": lr, "base_lr": lr}], weight_decay=0.01)
+
+
+class _EpochLoop:
+    """Epochs over the training images (one random caption each), with a checkpoint that resumes mid-epoch."""
+
+    def __init__(self, model: FirstStage, opt: torch.optim.Optimizer, train: CaptionSet,
+                 train_feats: torch.Tensor, batch_size: int, path: Path, checkpoint_every: int) -> None:
+        self.model, self.opt, self.train, self.feats = model, opt, train, train_feats
+        self.batch_size, self.path, self.checkpoint_every = batch_size, path, checkpoint_every
+        self.steps_per_epoch = len(train.images) // batch_size
+        if self.steps_per_epoch == 0:
+            raise InputError(f"batch size {batch_size} exceeds the {len(train.images)} training images")
+        self.per_image: list[list[int]] = [[] for _ in train.images]
+        for ci, ii in enumerate(train.caption_image):
+            self.per_image[ii].append(ci)
+        self.step, self.start_epoch = 0, 0
+
+    def resume(self) -> None:
+        if not self.path.is_file():
+            return
+        state = ckpt.load_checkpoint(self.path)
+        self.model.load_state_dict(state["model"], strict=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.start_epoch = state["step"], state["epoch"]
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed first stage at step %d (epoch %d)", self.step, self.start_epoch)
+
+    def save(self, epoch: int) -> None:
+        ckpt.save_checkpoint(self.path, model=self.model.trainable_state(), optimizer=self.opt.state_dict(),
+                             step=self.step, epoch=epoch)
+
+    def run(self, epochs: int, total: int, seed: int, dev: torch.device, bf16: bool, progress: bool) -> None:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=self.step, desc="first stage", unit="step")
+        for epoch in range(self.start_epoch, epochs):
+            if self.step >= total:
+                break
+            order = torch.randperm(len(self.train.images), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            for b in range(max(0, self.step - epoch * self.steps_per_epoch), self.steps_per_epoch):
+                if self.step >= total:
+                    break
+                loss = self._step(order[b * self.batch_size:(b + 1) * self.batch_size].tolist(), total, dev, bf16)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", scale=f"{self.model.logit_scale.exp().item():.1f}")
+                if self.step % self.checkpoint_every == 0:
+                    self.save(epoch)
+            finished = self.step - epoch * self.steps_per_epoch >= self.steps_per_epoch
+            self.save(epoch + 1 if finished else epoch)
+        if bar is not None:
+            bar.close()
+
+    def _step(self, img_idx: list[int], total: int, dev: torch.device, bf16: bool) -> float:
+        self.model.train()
+        caps = [self.train.captions[random.choice(self.per_image[i])] for i in img_idx]
+        mult = cosine_lr(self.step, total, max(1, total // 20))
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * mult
+        with autocast(dev, bf16):
+            img = self.model.image(self.feats[img_idx].to(dev))
+            txt = self.model.text.encode(caps)
+            loss = clip_loss(img.float(), txt.float(), self.model.logit_scale.clamp(max=math.log(100.0)))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        return float(loss.item())
