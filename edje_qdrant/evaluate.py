@@ -31,6 +31,7 @@ import numpy as np
 from .errors import InputError
 from .ingest import ingest
 from .ingest.ids import point_id, sha256_file
+from .metrics import RECALL_KS, recalls
 from .models import load_model
 from .models.base import EdjeModel
 from .retriever import Retriever
@@ -39,7 +40,6 @@ from .train.data import caption_set, read_captions
 
 log = logging.getLogger(__name__)
 
-RECALL_KS = (1, 5, 10)
 MISS = 1_000_000  # rank of a query whose positive is not in the list
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -58,11 +58,6 @@ class Runs:
     fusion_weight: float  # the model's default first-stage weight (what Retriever.search applies)
     seconds_per_query: float  # mean wall time of one text->image search
     images: int
-
-
-def recalls(ranks: np.ndarray) -> dict[str, float]:
-    """Recall@1/5/10 in percent from 0-based ranks."""
-    return {f"r{k}": round(float((ranks < k).mean() * 100.0), 2) for k in RECALL_KS}
 
 
 def rerank_order(first: np.ndarray, logits: np.ndarray, k: int, weight: float) -> np.ndarray:

@@ -240,3 +240,20 @@ def test_training_step_fits_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_rerank_recall_reports_first_stage_and_reranked_under_their_names():
+    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+    from edje_qdrant.train.rerank_eval import rerank_recall
+
+    model = SplitReranker(SplitRerankerConfig(num_tokens=16, adapter_hidden=64)).eval()  # zero head: no change
+    pos = torch.tensor([0, 0, 1, 1, 2, 2])
+    sim = torch.full((6, 3), 0.1)
+    sim[torch.arange(6), pos] = 0.9
+    sim[4, 0] = sim[5, 0] = 0.95  # captions 4 and 5 find their image second
+    captions = ["a dog", "a black dog", "a red car", "a car", "two kids", "kids play"]
+    out = rerank_recall(model, captions, sim, pos, torch.randn(3, 16, 384), k=3)
+    assert set(out["summary"]) == {"t2i_r1_first", "t2i_r1", "i2t_r1_first", "i2t_r1"}
+    assert out["summary"]["t2i_r1_first"] == out["summary"]["t2i_r1"] == 66.67
+    assert out["summary"]["i2t_r1_first"] == out["summary"]["i2t_r1"]
+    assert list(out["ranks"]["t2i_first"]) == [0, 0, 0, 0, 1, 1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from edje_qdrant.metrics import recalls
 from edje_qdrant.models import dinov2
 
 
@@ -59,14 +60,9 @@ def default_cache_folder(images_dir: str | Path) -> Path:
 def recall_at_k(sim: torch.Tensor, caption_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
                 ) -> dict[str, float]:
     """Recall@K (percent) both ways from a caption x image similarity [C, I] and each caption's image index."""
-    out: dict[str, float] = {}
     order = sim.argsort(dim=1, descending=True)
     rank_t2i = (order == caption_image.view(-1, 1)).float().argmax(1)
-    for k in ks:
-        out[f"t2i_r{k}"] = 100.0 * float((rank_t2i < k).float().mean())
     order_i = sim.t().argsort(dim=1, descending=True)  # [I, C]
     hit = caption_image[order_i] == torch.arange(sim.shape[1]).view(-1, 1)  # [I, C]
-    first = hit.float().argmax(1)
-    for k in ks:
-        out[f"i2t_r{k}"] = 100.0 * float((first < k).float().mean())
-    return out
+    rank_i2t = hit.float().argmax(1)
+    return recalls(rank_t2i.numpy(), ks, "t2i_") | recalls(rank_i2t.numpy(), ks, "i2t_")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from edje_qdrant.metrics import recalls
 
 @torch.no_grad()
 def _joint(model: Any, states: Any, cap_idx: torch.Tensor, comp: torch.Tensor, img_idx: torch.Tensor
@@ -33,7 +34,8 @@ def _first_hits(order: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
 def rerank_recall(model: Any, captions: Any, sim: torch.Tensor, pos: torch.Tensor, comp: torch.Tensor,
                   k: int = 20, chunk: int = 64) -> dict[str, Any]:
     """R@1/5/10 first stage vs re-ranked, both directions; ``pos`` [C] = column of each caption's image,
-    ``comp`` [I, m, d] the images' compressed tokens, ``captions`` texts or their ``TextStates``. Returns ``summary`` and per-query ranks."""
+    ``comp`` [I, m, d] the images' compressed tokens, ``captions`` texts or their ``TextStates``. Returns
+    ``summary`` and per-query ranks."""
     from edje_qdrant.models.split_reranker import TextStates
 
     c, i = sim.shape
@@ -61,11 +63,9 @@ def rerank_recall(model: Any, captions: Any, sim: torch.Tensor, pos: torch.Tenso
         order = (top.values + logits).argsort(dim=1, descending=True, stable=True)
         ranks["i2t"].append(_first_hits(order, positive.gather(1, order)))
     r = {key: torch.cat(v).numpy() for key, v in ranks.items()}
+    ks = tuple(n for n in (1, 5, 10) if n <= k)
     summary: dict[str, float] = {}
-    for key, v in r.items():
-        for n in (1, 5, 10):
-            if n <= k:
-                summary[f"{key}_r{n}"] = round(float((v < n).mean() * 100), 2)
-    summary = {("".join(key.rsplit("_first", 1)) + "_first" if "_first" in key else key): val
-               for key, val in summary.items()}
+    for direction in ("t2i", "i2t"):
+        summary |= recalls(r[f"{direction}_first"], ks, f"{direction}_", "_first")
+        summary |= recalls(r[direction], ks, f"{direction}_")
     return {"summary": summary, "ranks": r}
