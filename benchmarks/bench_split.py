@@ -101,9 +101,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             "both include their adapter; after excludes the frozen lower text layers, which training computes "
             "once per caption and caches")
     # what the Retriever runs: the default precision load_model picks on this machine
-    from edje_qdrant.models.registry import _resolve_precision
+    from edje_qdrant.models.device import resolve_precision
 
-    default = _resolve_precision(None, torch.device("cpu"))
+    default = resolve_precision(None, torch.device("cpu"))
     out["default_precision"] = default
     out["cpu_rerank_ms_p50_k100"] = out[f"rerank_ms_p50_k100_{'bf16' if default == 'bf16' else 'fp32'}"]["after"]
     out["train_speedup"] = min(v["after"] / v["before"] for k, v in out.items() if k.startswith("train_pairs"))

@@ -42,6 +42,18 @@ def test_bad_device_and_precision(tmp_path):
         load_model(str(f), device="cpu")
 
 
+def test_one_precision_rule_for_serving_and_training():
+    from edje_qdrant.models.device import cpu_has_fast_bf16, resolve_precision
+    from edje_qdrant.train.common import use_bf16
+
+    cpu = torch.device("cpu")
+    assert resolve_precision(None, cpu) == "fp32"  # serving default on the CPU: exact scores
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    for precision in ("auto", "fp32", "bf16"):
+        assert use_bf16(cpu, precision) == (resolve_precision(precision, cpu) == "bf16")
+    assert load_model("tiny-random", device="cpu", precision="auto").precision == resolve_precision("auto", cpu)
+
+
 def test_tiny_shapes_and_storage_size(tiny):
     assert (tiny.num_tokens, tiny.token_dim, tiny.clip_dim) == (64, 384, 64)
     assert tiny.fingerprint.startswith("tiny-random-") and len(tiny.fingerprint) == len("tiny-random-") + 12

@@ -23,6 +23,7 @@ from torch import nn
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models import model_dir
 from edje_qdrant.models.base import EdjeModel
+from edje_qdrant.models.device import resolve_device, resolve_precision
 from edje_qdrant.models.model_dir import WEIGHTS_FILE
 from edje_qdrant.models.reranker import RerankerConfig
 
@@ -129,27 +130,6 @@ class _IdModule(nn.Module):
 
 
 # ---------------------------------------------------------------- loading
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"device {device!r} is not a torch device (use cpu, cuda, cuda:0, mps)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-    return dev
-
-
-def _resolve_precision(precision: str | None, device: torch.device) -> str:
-    if precision in (None, "auto"):
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if bf16_ok else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise InputError(f"precision {precision!r} is not one of fp32, bf16, auto")
-    return precision
-
-
 def _load_dir_weights(model: EdjeModel, directory: Path, config: dict[str, Any]) -> None:
     """Overlay the folder's weights on what the factory built (one loader for every preset)."""
     path = model_dir.weights_file(directory)
@@ -182,10 +162,11 @@ def _place(obj: Any, device: torch.device) -> None:
 def load_model(name_or_path: str, device: str | None = None, precision: str | None = None) -> EdjeModel:
     """Build a model from a preset name or a local model directory (config.json + weights.safetensors).
 
-    ``device``: None = cuda when available, else cpu. ``precision``: "fp32", "bf16" or None (bf16 on capable GPUs).
+    ``device``: None = cuda when available, else cpu. ``precision``: "fp32", "bf16", "auto" or None (fp32 on the
+    CPU, auto elsewhere; see ``models/device.py``).
     """
-    dev = _resolve_device(device)
-    prec = _resolve_precision(precision, dev)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
     presets = available_presets()
     path = Path(str(name_or_path)).expanduser()
     directory: Path | None = None

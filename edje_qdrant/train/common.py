@@ -10,31 +10,17 @@ import torch
 
 from edje_qdrant.metrics import recalls
 from edje_qdrant.models import dinov2
+from edje_qdrant.models.device import resolve_device, resolve_precision
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """Explicit device, else cuda when available, else cpu."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matrix units (AMX or AVX512-BF16); without them bf16 is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """Explicit device, else cuda when available, else cpu (``models/device.py``)."""
+    return resolve_device(device)
 
 
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """Resolve ``precision`` ("auto" | "bf16" | "fp32"): auto = bf16 on cuda and on CPUs with bf16 units."""
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
-    return device.type == "cuda" or cpu_has_fast_bf16()
+    """Whether ``precision`` ("auto" | "bf16" | "fp32") resolves to bf16 on ``device`` (``models/device.py``)."""
+    return resolve_precision(precision, device) == "bf16"
 
 
 def autocast(device: torch.device, enabled: bool):
