@@ -246,7 +246,8 @@ def test_server_timeouts_are_retried_with_backoff_then_a_clear_error(blackhole, 
     url = f"http://127.0.0.1:{blackhole}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        client = QdrantClient(url=url, grpc_port=blackhole, prefer_grpc=grpc, timeout=1, api_key="tmo-key-0577")
+        client = QdrantClient(url=url, grpc_port=blackhole, prefer_grpc=grpc, timeout=1, api_key="tmo-key-0577",
+                              check_compatibility=False)
         store = ClientStore(client, url=url, retries=3, backoff_s=0.2)
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="edje_qdrant"), pytest.raises(StoreError) as err:

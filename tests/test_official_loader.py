@@ -134,6 +134,7 @@ def test_mlp_projection_variant_is_refused(official):
         load_official_reranker(bad, CFG)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the protocol of the refused file
 def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -129,7 +129,8 @@ def test_open_store_picks_the_backend(tmp_path):
     edge = open_store(path=str(tmp_path / "e"))
     assert isinstance(edge, EdgeStore) and edge.path == tmp_path / "e"
     edge.close()
-    remote = open_store(url="http://user:pw@127.0.0.1:9/", api_key="k-123")
+    with pytest.warns(UserWarning, match="Api key is used with an insecure connection"):
+        remote = open_store(url="http://user:pw@127.0.0.1:9/", api_key="k-123")
     assert isinstance(remote, ClientStore) and not remote.local
     assert remote.where == "http://127.0.0.1:9/" and remote.client.init_options["prefer_grpc"] is True
     remote.close()

@@ -121,7 +121,8 @@ def test_connection_refused_retries_then_clear_error(grpc, caplog):
     key = "very-secret-key-123"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # insecure api key / version check warnings from qdrant-client
-        client = QdrantClient(url=url, grpc_port=port, api_key=key, prefer_grpc=grpc, timeout=5)
+        client = QdrantClient(url=url, grpc_port=port, api_key=key, prefer_grpc=grpc, timeout=5,
+                              check_compatibility=False)
         store = ClientStore(client, url=url, retries=3, backoff_s=0.05)
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="edje_qdrant"):
@@ -143,7 +144,8 @@ def test_query_on_unreachable_server_names_the_url_not_the_key():
     url = f"http://127.0.0.1:{port}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        client = QdrantClient(url=url, grpc_port=port, api_key="k-456-secret", prefer_grpc=True)
+        client = QdrantClient(url=url, grpc_port=port, api_key="k-456-secret", prefer_grpc=True,
+                              check_compatibility=False)
         store = ClientStore(client, url=url, retries=2, backoff_s=0.01)
         with pytest.raises(StoreError, match=rf"Qdrant at http://127.0.0.1:{port} is unreachable") as err:
             store.query("photos", [1.0] * DIM, 3, None)

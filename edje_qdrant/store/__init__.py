@@ -49,7 +49,9 @@ def open_store(path: str | None = None, url: str | None = None, api_key: str | N
     if url == ":memory:":
         return ClientStore(QdrantClient(location=":memory:"))
     try:
-        client = QdrantClient(url=url, api_key=api_key, prefer_grpc=True)
+        # no version probe at construction: it warns on every unreachable URL, and ClientStore reports a server
+        # that does not answer with its own clear error on first use
+        client = QdrantClient(url=url, api_key=api_key, prefer_grpc=True, check_compatibility=False)
     except Exception as e:  # bad URL syntax and the like; never echo the key
         raise StoreError(f"cannot use Qdrant URL {_strip_credentials(url)!r}: {type(e).__name__}") from e
     return ClientStore(client, url=url)
