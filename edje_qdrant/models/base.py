@@ -30,6 +30,20 @@ class TextTower(Protocol):
         """list of strings -> [B, clip_dim] L2-normalised."""
 
 
+class RerankerSizes:
+    """The sizes every reranker exposes (read from its ``config``): m image tokens of ``hidden_size`` each."""
+
+    config: Any
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.config.num_tokens)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+
 @dataclass
 class EdjeModel:
     """Towers + reranker built by ``load_model``; the only model object ingest/retriever see.

@@ -22,6 +22,7 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models.adapter import TokenCompressionAdapter
+from edje_qdrant.models.base import RerankerSizes
 from edje_qdrant.models.tokenization import PairEncoding, PairTokenizer
 
 
@@ -95,7 +96,7 @@ class ClsPooler(nn.Module):
         return torch.tanh(self.dense(hidden_states[:, 0]))
 
 
-class EdjeReranker(nn.Module):
+class EdjeReranker(RerankerSizes, nn.Module):
     """Adapter (ingest) + joint encoder and head (query time). ``score`` is what the retriever calls."""
 
     def __init__(self, config: RerankerConfig, tokenizer: PairTokenizer | None = None) -> None:
@@ -122,15 +123,6 @@ class EdjeReranker(nn.Module):
             raise ModelError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the word embedding only "
                              f"{c.vocab_size} rows")
         self.eval()
-
-    # -- sizes the rest of the package reads
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
 
     @property
     def device(self) -> torch.device:

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models import minilm
 from edje_qdrant.models.adapter import TokenCompressionAdapter
+from edje_qdrant.models.base import RerankerSizes
 from edje_qdrant.models.colour import WIDTH as COLOUR_WIDTH
 
 KIND = "split"
@@ -141,7 +142,7 @@ class PoolAdapter(nn.Module):
         return x
 
 
-class SplitReranker(nn.Module):
+class SplitReranker(RerankerSizes, nn.Module):
     """Adapter (ingest) + frozen MiniLM lower layers + thin joint layers + head (query time)."""
 
     def __init__(self, config: SplitRerankerConfig, text_bert: nn.Module | None = None, tokenizer=None) -> None:
@@ -166,15 +167,6 @@ class SplitReranker(nn.Module):
             self.head[2].weight.zero_()
             self.head[2].bias.zero_()
         self.eval()
-
-    # -- sizes the rest of the package reads
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
 
     @property
     def device(self) -> torch.device:
