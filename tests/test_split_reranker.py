@@ -89,6 +89,9 @@ def test_cached_text_states_match_direct_encoding(split_model):
         want, want_mask = split_model.encode_text([texts[1], texts[0]])
     assert torch.equal(mask, want_mask)
     assert torch.allclose(got[mask.bool()], want[want_mask.bool()], atol=2e-2)  # stored as float16
+    sub = states.subset([2, 1])
+    for a, b in ((sub.batch([0]), states.batch([2])), (sub.batch([1, 0]), states.batch([1, 2]))):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_folds_partition_images_evenly():

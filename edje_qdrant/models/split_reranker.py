@@ -323,6 +323,15 @@ class TextStates:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
         return self
 
+    def subset(self, rows: torch.Tensor | list[int]) -> "TextStates":
+        """The states of some texts (row i of the result = row ``rows[i]`` here)."""
+        idx = torch.as_tensor(rows, dtype=torch.long).flatten()
+        out = TextStates.__new__(TextStates)
+        out.flat = torch.cat([self.flat[int(self.offsets[i]):int(self.offsets[i + 1])] for i in idx.tolist()])
+        out.lengths = self.lengths[idx].clone()
+        out.offsets = torch.cat([torch.zeros(1, dtype=torch.long), out.lengths.cumsum(0)])
+        return out
+
     def batch(self, indices: torch.Tensor | list[int], device: torch.device | str = "cpu"
               ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices).flatten()

@@ -259,10 +259,10 @@ def train_split(captions: str | Path, images: str | Path, out: str | Path, optio
     names_c, feats = fs._global_features(fs.TokenCache(last), last)
     index = {n: i for i, n in enumerate(names_c)}
     train_feats = feats[[index[n] for n in train.images]]
-    shipped = load_model(NAME, device=str(dev), precision="fp32")
     if candidates == "crossfit":
         held = heldout_scores(out / "crossfit", train, train_feats, dev, bf16)
     elif candidates == "production":
+        shipped = load_model(NAME, device=str(dev), precision="fp32")
         with torch.inference_mode():
             img = shipped.vision.head(train_feats.to(dev)).float().cpu()
             txt = encode_texts(_TextOnly(shipped.text), train.captions, dev, bf16)
@@ -270,7 +270,8 @@ def train_split(captions: str | Path, images: str | Path, out: str | Path, optio
                              torch.tensor([shipped.fusion_weight]))
     else:
         raise ModelError(f"candidates must be 'crossfit' or 'production', got {candidates!r}")
-    heads = (shipped.vision.head.proj.weight.detach().cpu(), shipped.text.proj.weight.detach().cpu())
+    shipped_parts = model_dir.read_weights(model_dir.weights_file(PRESET_DIR))  # first-stage heads: adapter init
+    heads = (shipped_parts["vision"]["head.proj.weight"].float(), shipped_parts["text"]["proj.weight"].float())
     return train_split_reranker(train, root, train.images, held, out / run_name, opts, dev, bf16, resume=resume,
                                 progress=progress, first_stage_heads=heads, images_dir=images)
 

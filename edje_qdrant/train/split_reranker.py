@@ -426,16 +426,6 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
     return config
 
 
-class _Rows(TextStates):
-    """A view of some rows of a TextStates (row i of the view = row rows[i] of the base)."""
-
-    def __init__(self, base: TextStates, rows: torch.Tensor) -> None:  # noqa: super().__init__ not wanted
-        self.base, self.rows = base, rows
-
-    def batch(self, indices: Any, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        return self.base.batch(self.rows[torch.as_tensor(indices).flatten()], device)
-
-
 def _val_fn(model: SplitReranker, data: CaptionSet, tokens: torch.Tensor, held: HeldOutScores,
             val_imgs: torch.Tensor, device: torch.device, bf16: bool, rerank_recall: Any,
             trainer_states: TextStates) -> Any:
@@ -449,7 +439,7 @@ def _val_fn(model: SplitReranker, data: CaptionSet, tokens: torch.Tensor, held: 
     sim = scale * (cap_e @ img_e.t())
     pos = (cap_img[val_caps].view(-1, 1) == val_imgs.view(1, -1)).float().argmax(1)
     val_tokens = tokens[val_imgs]
-    captions = _Rows(trainer_states, val_caps)
+    captions = trainer_states.subset(val_caps)
 
     def run() -> dict[str, float]:
         model.eval()
