@@ -95,7 +95,10 @@ def _ingest_summary(report: Any) -> str:
 
 
 @main.command()
-@click.argument("query")
+@click.argument("query", required=False)
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PHOTO",
+              help="Search by a photo instead of text (\"more like this\"): first-stage similarity only; the photo "
+                   "itself is left out when it is in the collection.")
 @store_options
 @model_options(None)
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results to return.")
@@ -107,23 +110,33 @@ def _ingest_summary(report: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
 @render_options
 @library_errors
-def search(query: str, store: str, url: str | None, api_key: str | None, collection: str, model: str | None,
-           device: str | None, k: int, rerank_k: int, where: tuple[str, ...], as_json: bool,
-           html: Path | None, grid: Path | None) -> None:
-    """Search the collection for QUERY; prints `score  path` lines (best first)."""
+def search(query: str | None, image: Path | None, store: str, url: str | None, api_key: str | None,
+           collection: str, model: str | None, device: str | None, k: int, rerank_k: int, where: tuple[str, ...],
+           as_json: bool, html: Path | None, grid: Path | None) -> None:
+    """Search the collection for QUERY text (or --image PHOTO); prints `score  path` lines (best first)."""
+    from edje_qdrant.errors import InputError
     from edje_qdrant.retriever import Retriever, check_search_args
 
-    check_search_args(query, k, rerank_k)
+    if (query is None) == (image is None):
+        raise InputError("pass either QUERY text or --image PHOTO (one of them)")
+    if query is not None:
+        check_search_args(query, k, rerank_k)
+    elif not image.is_file():  # before the model loads
+        raise InputError(f"query image {image}: no such file; pass the path of a readable image file (JPEG, PNG, ...)")
     filter = parse_where(where)
     target = open_store_from(store, url, api_key)
     try:
-        results = Retriever(target, collection, model, device=device).search(
-            query, k=k, rerank_k=rerank_k, filter=filter
-        )
+        retriever = Retriever(target, collection, model, device=device)
+        if image is not None:
+            results = retriever.search_image(image, k=k, filter=filter)
+        else:
+            results = retriever.search(query, k=k, rerank_k=rerank_k, filter=filter)
     finally:
         target.close()
     if html or grid:
-        write_renders(query, results, html, grid)
+        write_renders(query if query is not None else f"like {image.name}", results, html, grid)
+    if not results:
+        click.echo("no results", err=True)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results]))
         return

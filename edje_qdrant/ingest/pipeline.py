@@ -35,7 +35,15 @@ import numpy as np
 from ..codec import DTYPES, TOKENS_KEY, codec_name, encode_tokens
 from ..errors import CodecError, InputError
 from ..store.base import CollectionSpec, PointRecord
-from .decode import DEFAULT_MAX_PIXELS, UnusableFile, decode_image, open_regular, read_file, register_plugins
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    UnusableFile,
+    decode_image,
+    draft_size_for,
+    open_regular,
+    read_file,
+    register_plugins,
+)
 from .ids import point_id, sha256_bytes, sha256_stream
 from .pool import HASH_PRIORITY, CancelledError, TaskPool
 from .sync import LOCATIONS_KEY, Unreadable, relocate, stored_locations
@@ -163,9 +171,7 @@ def _settings(folder: Any, model: Any, collection: str, dtype: str, batch_size: 
     _positive_int(max_pixels, "max_pixels")
     if isinstance(file_timeout, bool) or not isinstance(file_timeout, (int, float)) or not file_timeout > 0:
         raise InputError(f"file_timeout must be a positive number of seconds, got {file_timeout!r}")
-    size = getattr(model.vision, "image_size", None)
-    draft = max(2 * int(size), 256) if isinstance(size, int) and size > 0 else 512
-    return _Settings(root, collection, dtype, bs, nw, max_pixels, float(file_timeout), draft)
+    return _Settings(root, collection, dtype, bs, nw, max_pixels, float(file_timeout), draft_size_for(model.vision))
 
 
 def default_workers() -> int:
