@@ -180,7 +180,8 @@ def test_batches_workers_progress_and_int8(tmp_path, store, model, capsys):
         g.make_image(root / f"d{i % 3}" / f"{i:02d}.jpg", "JPEG", seed=100 + i)
     report = ingest(root, store, model, "int8col", dtype="int8", batch_size=4, workers=1, progress=True)
     assert report.ingested == 13 and store.count("int8col") == 13
-    assert "ingest" in capsys.readouterr().err  # tqdm progress line on stderr
+    err = capsys.readouterr().err
+    assert "ingest" in err and "13/13" in err  # tqdm progress line on stderr, with the total from the walk
     spec = store.get_spec("int8col")
     assert spec.codec.startswith("edje-tokens/v1/int8/") and spec.fingerprint == model.fingerprint
     quiet = ingest(root, store, model, "int8col", dtype="int8")

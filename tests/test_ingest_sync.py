@@ -3,6 +3,7 @@ empty/missing roots, files that cannot be read. Real stores (Qdrant Edge on disk
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -212,3 +213,37 @@ def test_relocate_rules():
     assert relocate([loc("/r/x.png")], [loc("/r/y.png")], "/r", none, prune=False) == [loc("/r/y.png"),
                                                                                          loc("/r/x.png")]
     assert relocate([], [], "/r", none, prune=True) == []  # a point with no path: never touched by the caller
+
+
+def test_cli_summary_names_every_count_and_an_empty_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from edje_qdrant.cli.main import main
+
+    def cli(*args: str):
+        return CliRunner().invoke(main, ["ingest", *args, "--store", str(tmp_path / "store"), "--model",
+                                         "tiny-random"])
+
+    root = tmp_path / "imgs"
+    files = make_folder(root, 4)
+    shutil.copy(files[0], root / "copy.png")
+    res = cli(str(root))
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("ingested 4, skipped-existing 0, duplicates 1, failed 0, removed 0, moved 0 in ")
+    assert "images/s" in res.stdout and "4/5" not in res.stderr and "5/5" in res.stderr  # progress with its total
+    files[1].unlink()
+    files[2].rename(root / "renamed.png")
+    res = cli(str(root), "--no-prune", "--json")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {k: summary[k] for k in ("ingested", "skipped_existing", "duplicates", "failed", "removed", "moved")} \
+        == {"ingested": 0, "skipped_existing": 3, "duplicates": 1, "failed": 0, "removed": 0, "moved": 1}
+    assert summary["prune_skipped"] == "prune is off"
+    res = cli(str(root))
+    assert "skipped-existing 3, duplicates 1, failed 0, removed 1, moved 0" in res.stdout
+    (tmp_path / "empty").mkdir()
+    res = cli(str(tmp_path / "empty"))
+    assert res.exit_code == 0
+    assert f"no images found under {tmp_path / 'empty'}" in res.stderr
+    assert res.stdout.startswith("ingested 0, skipped-existing 0, duplicates 0, failed 0, removed 0")
+    res = cli(str(root), "--json")
+    assert json.loads(res.stdout)["skipped_existing"] == 3  # the empty folder removed nothing
