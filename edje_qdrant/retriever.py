@@ -163,6 +163,9 @@ class Retriever:
         identify it by, so nothing is left out. ``filter`` as in ``search``.
         """
         _check_k(k)
+        if getattr(self.model, "vision", None) is None:
+            raise InputError(f"model {self.model.name} has no vision tower, which search_image needs; load the model "
+                             "the collection was built with")
         picture, self_id = _query_image(image, self.model.vision)
         pixels = np.asarray(self.model.vision.preprocess(picture), dtype=np.float32)
         with self._model_lock:
