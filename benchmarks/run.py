@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-SECTIONS = ("split", "rerank", "search", "ingest", "storage", "blip")
+SECTIONS = ("split", "rerank", "search", "ingest", "storage", "blip", "sync")
 EXTRA_SECTIONS = ("siglip2",)  # paper-configuration cost row (issue 4): only with --only siglip2 (slow on a CPU)
 
 
@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import bench_blip
 
             results["blip"] = bench_blip.run(args.quick)
+        elif name == "sync":
+            import bench_sync
+
+            results["sync"] = bench_sync.run(args.quick, workdir=args.workdir)
         elif name == "siglip2":
             import bench_siglip2
 
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "blip_style_cost_ratio": r.get("blip", {}).get("blip_style_cost_ratio"),
         "blip_style_cost_ratio_vitl": r.get("blip", {}).get("blip_style_cost_ratio_vitl"),
         "gpu_pairs_per_s": rr.get("gpu_pairs_per_s"),
+        "sync_scan_points_per_s": r.get("sync", {}).get("scroll_metadata_points_per_s"),
+        "sync_scan_per_point_vs_hash_3mb": r.get("sync", {}).get("scan_per_point_vs_hash_3mb"),
+        "sync_reingest_overhead_ratio": r.get("sync", {}).get("sync_overhead_ratio"),
         "siglip2_cost_ratio": r.get("siglip2", {}).get("siglip2_cost_ratio"),
         "machine": results["machine"],
         "quick": args.quick,

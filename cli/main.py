@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,12 +39,18 @@ def main(verbose: int) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Image decoding workers.")
 @click.option("--errors-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON lines of skipped files and reasons (default: <store>/ingest-errors.jsonl).")
+@click.option("--no-prune", is_flag=True,
+              help="Keep the points of files deleted or changed under FOLDER (default: remove them).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON summary object.")
 @library_errors
 def ingest(folder: Path, store: str, url: str | None, api_key: str | None, collection: str, model: str,
            device: str | None, dtype: str, batch_size: int | None, workers: int | None,
-           errors_file: Path | None, as_json: bool) -> None:
-    """Ingest every image under FOLDER (recursive, resumable, idempotent)."""
+           errors_file: Path | None, no_prune: bool, as_json: bool) -> None:
+    """Ingest every image under FOLDER and keep the collection in sync with it (recursive, resumable).
+
+    Points of files deleted from FOLDER, and the old version of a changed file, are removed; a moved or renamed
+    file keeps its point under the new path. Only points whose path is under FOLDER are considered.
+    """
     try:  # Ctrl-C while the libraries or the model load: a clean exit too, nothing was written yet
         from edje_qdrant.ingest import ingest as run_ingest
         from edje_qdrant.models import load_model
@@ -57,7 +64,7 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
         errors_file = Path(store) / "ingest-errors.jsonl"
     try:
         report = run_ingest(folder, target, edje_model, collection, dtype=dtype, batch_size=batch_size,
-                            workers=workers, errors_file=errors_file, progress=not as_json)
+                            workers=workers, errors_file=errors_file, progress=not as_json, prune=not no_prune)
     except KeyboardInterrupt as exc:
         partial = getattr(exc, "ingest_report", None)
         done = (f" (ingested {partial.ingested}, skipped-existing {partial.skipped_existing}, failed {partial.failed})"
@@ -67,19 +74,31 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
         sys.exit(130)
     finally:
         target.close()
-    summary = report.to_dict()
+    if report.seen == 0:
+        click.echo(f"no images found under {folder} (nothing ingested, nothing removed)", err=True)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(report.to_dict()))
     else:
-        click.echo(
-            f"ingested {report.ingested}, skipped-existing {report.skipped_existing}, failed {report.failed}, "
-            f"{report.images_per_s:.1f} images/s"
-            + (f" (reasons in {report.errors_file})" if report.failed and report.errors_file else "")
-        )
+        click.echo(_ingest_summary(report))
+
+
+def _ingest_summary(report: Any) -> str:
+    """One line: every count, the speed, where the failure reasons are."""
+    line = (f"ingested {report.ingested}, skipped-existing {report.skipped_existing}, "
+            f"duplicates {report.duplicates}, failed {report.failed}, removed {report.removed}, moved {report.moved}"
+            f" in {report.seconds:.1f} s ({report.images_per_s:.1f} images/s)")
+    if report.failed and report.errors_file:
+        line += f"; reasons in {report.errors_file}"
+    if report.prune_skipped and report.seen:
+        line += f"; nothing removed: {report.prune_skipped}"
+    return line
 
 
 @main.command()
-@click.argument("query")
+@click.argument("query", required=False)
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PHOTO",
+              help="Search by a photo instead of text (\"more like this\"): first-stage similarity only; the photo "
+                   "itself is left out when it is in the collection.")
 @store_options
 @model_options(None)
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results to return.")
@@ -91,23 +110,33 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
 @render_options
 @library_errors
-def search(query: str, store: str, url: str | None, api_key: str | None, collection: str, model: str | None,
-           device: str | None, k: int, rerank_k: int, where: tuple[str, ...], as_json: bool,
-           html: Path | None, grid: Path | None) -> None:
-    """Search the collection for QUERY; prints `score  path` lines (best first)."""
+def search(query: str | None, image: Path | None, store: str, url: str | None, api_key: str | None,
+           collection: str, model: str | None, device: str | None, k: int, rerank_k: int, where: tuple[str, ...],
+           as_json: bool, html: Path | None, grid: Path | None) -> None:
+    """Search the collection for QUERY text (or --image PHOTO); prints `score  path` lines (best first)."""
+    from edje_qdrant.errors import InputError
     from edje_qdrant.retriever import Retriever, check_search_args
 
-    check_search_args(query, k, rerank_k)
+    if (query is None) == (image is None):
+        raise InputError("pass either QUERY text or --image PHOTO (one of them)")
+    if query is not None:
+        check_search_args(query, k, rerank_k)
+    elif not image.is_file():  # before the model loads
+        raise InputError(f"query image {image}: no such file; pass the path of a readable image file (JPEG, PNG, ...)")
     filter = parse_where(where)
     target = open_store_from(store, url, api_key)
     try:
-        results = Retriever(target, collection, model, device=device).search(
-            query, k=k, rerank_k=rerank_k, filter=filter
-        )
+        retriever = Retriever(target, collection, model, device=device)
+        if image is not None:
+            results = retriever.search_image(image, k=k, filter=filter)
+        else:
+            results = retriever.search(query, k=k, rerank_k=rerank_k, filter=filter)
     finally:
         target.close()
     if html or grid:
-        write_renders(query, results, html, grid)
+        write_renders(query if query is not None else f"like {image.name}", results, html, grid)
+    if not results:
+        click.echo("no results", err=True)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results]))
         return

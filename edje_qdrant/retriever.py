@@ -153,6 +153,28 @@ class Retriever:
         clock.total()
         return results
 
+    def search_image(self, image: str | os.PathLike[str] | bytes | Any, k: int = 10, filter: Any = None, *,
+                     exclude_self: bool = True) -> list[SearchResult]:
+        """"More like this": the ``k`` stored images nearest to ``image`` (a path, file bytes or a PIL image).
+
+        First stage only: cosine on the global vector from the vision tower (the joint encoder scores text, so
+        ``rerank_score`` is None). A photo given by path or bytes that is itself in the collection (same content,
+        same point id) is left out of its own results unless ``exclude_self=False``; a PIL image has no bytes to
+        identify it by, so nothing is left out. ``filter`` as in ``search``.
+        """
+        _check_k(k)
+        if getattr(self.model, "vision", None) is None:
+            raise InputError(f"model {self.model.name} has no vision tower, which search_image needs; load the model "
+                             "the collection was built with")
+        picture, self_id = _query_image(image, self.model.vision)
+        pixels = np.asarray(self.model.vision.preprocess(picture), dtype=np.float32)
+        with self._model_lock:
+            vectors, _ = self.model.embed_images(pixels[None])
+        drop = self_id if exclude_self else None
+        limit = k + 1 if drop else k
+        hits = self.store.query(self.collection, vectors[0].tolist(), limit, list(RESULT_PAYLOAD_KEYS), filter=filter)
+        return [_result(h, float(h.score)) for h in hits if h.id != drop][:k]
+
     def _attach_payload(self, results: list[SearchResult]) -> None:
         """Fill page_content / metadata / path of the final hits with one retrieve call."""
         found = {h.id: h.payload for h in self.store.retrieve(self.collection, [r.id for r in results],
@@ -243,6 +265,40 @@ class Retriever:
             results[i].flags.append(f"rerank_failed: {reason}")
             log.warning("point %s kept its first-stage score: %s", results[i].id, reason)
         _order_in_place(results)
+
+
+def _check_k(k: Any) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+        raise InputError(f"k must be an integer, got {k!r}")
+    if not 1 <= k <= MAX_K:
+        raise InputError(f"k must be between 1 and {MAX_K}, got {k}")
+
+
+def _query_image(image: Any, vision: Any) -> tuple[Any, str | None]:
+    """(RGB PIL image, point id of its bytes or None) for ``search_image``; decoded exactly as ingest does."""
+    from PIL import Image
+
+    from .ingest.decode import UnusableFile, decode_image, draft_size_for, read_file
+    from .ingest.ids import point_id, sha256_bytes
+
+    if isinstance(image, Image.Image):
+        return (image if image.mode == "RGB" else image.convert("RGB")), None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data, name = bytes(image), "the query image bytes"
+    elif isinstance(image, (str, os.PathLike)):
+        name = f"query image {os.fsdecode(image)}"
+        try:
+            data = read_file(image).data
+        except UnusableFile as exc:
+            reason = "no such file" if exc.kind == "vanished" else exc.reason
+            raise InputError(f"{name}: {reason}; pass the path of a readable image file (JPEG, PNG, ...)") from None
+    else:
+        raise InputError(f"image must be a path, bytes or a PIL image, got {type(image).__name__}")
+    try:
+        decoded = decode_image(data, draft_size=draft_size_for(vision))
+    except UnusableFile as exc:
+        raise InputError(f"{name}: {exc.reason}; pass a JPEG, PNG, WebP, HEIC ... image") from None
+    return decoded.image, point_id(sha256_bytes(data))
 
 
 def _result(hit: Any, first_stage_score: float) -> SearchResult:

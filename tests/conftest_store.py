@@ -300,3 +300,34 @@ def check_filters(store: Any, prefix: str = "") -> dict[str, list[str]]:
         store.query(prefix + "photos", [1.0] * DIM, 3, None, filter="folder=pets")
     assert store.query(prefix + "photos", [1.0] * DIM, 3, None, filter={}) != []
     return out
+
+
+def check_scroll_update_delete(store: Any, prefix: str = "") -> None:
+    """scroll lists every point once; update_payloads replaces only the named keys; delete removes by id."""
+    name = prefix + "sync"
+    pts = filled(store, name, make_points(50, seed=4))
+    by_id = {p.id: p for p in pts}
+    listed = list(store.scroll(name, ["metadata"], page_size=7))  # several pages
+    assert sorted(h.id for h in listed) == sorted(by_id)
+    assert all(h.payload == {"metadata": by_id[h.id].payload["metadata"]} for h in listed)
+    assert all(h.payload == {} for h in store.scroll(name, []))
+    moved = {**pts[0].payload["metadata"], "source": "/photos/moved.jpg"}
+    store.update_payloads(name, {pts[0].id: {"metadata": moved}, pts[1].id.upper(): {"page_content": "new"}})
+    (h0, h1) = store.retrieve(name, [pts[0].id, pts[1].id], None)
+    assert h0.payload["metadata"] == moved and h0.payload["edje_tokens"] == pts[0].payload["edje_tokens"]
+    assert h0.payload["page_content"] == pts[0].payload["page_content"]
+    assert h1.payload["page_content"] == "new" and h1.payload["metadata"] == pts[1].payload["metadata"]
+    q = store.query(name, pts[0].vector, 1, ["metadata"])[0]  # the vector is untouched
+    assert q.id == pts[0].id and q.score == pytest.approx(1.0, abs=1e-5)
+    gone = [p.id for p in pts[10:30]]
+    store.delete(name, gone + [point_id(999)])  # an id that is not stored is fine
+    assert store.count(name) == 30
+    assert store.existing_ids(name, gone) == set()
+    assert sorted(h.id for h in store.scroll(name, [])) == sorted(set(by_id) - set(gone))
+    store.delete(name, [])
+    store.update_payloads(name, {})
+    with pytest.raises(InputError, match="not a UUID"):
+        store.delete(name, ["nope"])
+    with pytest.raises(StoreError, match="does not exist"):
+        list(store.scroll(prefix + "nope", None))
+    assert store.count(name) == 30

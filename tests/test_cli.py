@@ -34,7 +34,7 @@ def test_second_ingest_adds_nothing(ingested, demo_folder):
     store, _ = ingested
     res = _cli("ingest", str(demo_folder), "--store", str(store), "--model", "tiny-random")
     assert res.exit_code == 0, res.output
-    assert "ingested 0, skipped-existing 12, failed 0" in res.output
+    assert "ingested 0, skipped-existing 12, duplicates 0, failed 0, removed 0, moved 0 in " in res.output
 
 
 def test_search_json_has_both_scores(ingested):

@@ -105,16 +105,16 @@ def test_reingest_adds_nothing_and_checks_store_before_decoding(sample, store, m
     assert store.count("images") == count
 
 
-def test_changed_file_gets_new_point_old_one_kept(tmp_path, store, model):
+def test_changed_file_gets_new_point_old_one_kept_without_prune(tmp_path, store, model):
     root = tmp_path / "imgs"
     p = g.make_image(root / "photo.png", "PNG", seed=1)
     g.make_image(root / "other.png", "PNG", seed=2)
     ingest(root, store, model)
     old_id = pid_of(p)
     g.make_image(p, "PNG", seed=3)  # same path, new content
-    report = ingest(root, store, model)
-    assert report.ingested == 1 and report.skipped_existing == 1
-    assert store.count("images") == 3  # documented: the old content's point stays
+    report = ingest(root, store, model, prune=False)
+    assert report.ingested == 1 and report.skipped_existing == 1 and report.removed == 0
+    assert store.count("images") == 3  # without prune the old content's point stays (test_ingest_sync: with it)
     new = payload_of(store, p)
     assert new["metadata"]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
     assert store.retrieve("images", [old_id], None)[0].payload["metadata"]["source"] == str(p)
@@ -180,7 +180,8 @@ def test_batches_workers_progress_and_int8(tmp_path, store, model, capsys):
         g.make_image(root / f"d{i % 3}" / f"{i:02d}.jpg", "JPEG", seed=100 + i)
     report = ingest(root, store, model, "int8col", dtype="int8", batch_size=4, workers=1, progress=True)
     assert report.ingested == 13 and store.count("int8col") == 13
-    assert "ingest" in capsys.readouterr().err  # tqdm progress line on stderr
+    err = capsys.readouterr().err
+    assert "ingest" in err and "13/13" in err  # tqdm progress line on stderr, with the total from the walk
     spec = store.get_spec("int8col")
     assert spec.codec.startswith("edje-tokens/v1/int8/") and spec.fingerprint == model.fingerprint
     quiet = ingest(root, store, model, "int8col", dtype="int8")

@@ -18,6 +18,7 @@ from conftest_store import (
     TOKENS_LEN,
     check_filters,
     check_query_order_and_payload,
+    check_scroll_update_delete,
     check_retrieve_existing_count_reupsert,
     check_spec_create_and_verify,
     check_threads,
@@ -71,6 +72,10 @@ def test_query_order_and_payload_selection(store):
 
 def test_retrieve_existing_count_and_reupsert(store):
     check_retrieve_existing_count_reupsert(store)
+
+
+def test_scroll_update_payloads_delete(store):
+    check_scroll_update_delete(store)
 
 
 def test_eight_threads_match_sequential(store):

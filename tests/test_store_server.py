@@ -16,6 +16,7 @@ from conftest_store import (
     SPEC,
     check_filters,
     check_query_order_and_payload,
+    check_scroll_update_delete,
     check_retrieve_existing_count_reupsert,
     check_spec_create_and_verify,
     check_threads,
@@ -89,6 +90,10 @@ def test_query_order_and_payload_selection(remote):
 
 def test_retrieve_existing_count_and_reupsert(remote):
     check_retrieve_existing_count_reupsert(remote[0], prefix=remote[1])
+
+
+def test_scroll_update_payloads_delete(remote):
+    check_scroll_update_delete(remote[0], prefix=remote[1])
 
 
 def test_eight_threads_match_sequential(remote):

@@ -91,6 +91,12 @@ def register_plugins() -> None:
         _plugins_done = True
 
 
+def draft_size_for(vision: Any) -> int:
+    """JPEG draft target for a vision tower: twice its input size (at least 256 px), 512 when it is unknown."""
+    size = getattr(vision, "image_size", None)
+    return max(2 * int(size), 256) if isinstance(size, int) and size > 0 else 512
+
+
 def open_regular(path: str | os.PathLike[str]) -> tuple[BinaryIO, os.stat_result]:
     """Open a regular file for reading without ever blocking on a fifo; UnusableFile otherwise."""
     try:

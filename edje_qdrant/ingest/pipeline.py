@@ -1,17 +1,21 @@
-"""Folder -> points: walk, hash, skip what is stored, decode in parallel, embed in batches, upsert.
+"""Folder -> points: walk, hash, skip what is stored, decode in parallel, embed in batches, upsert, sync.
 
 Threads and what they touch:
-  producer thread   walks the folder and hashes files (through the pool, hashes first), in chunks
+  producer thread   walks the whole folder first (the progress total), then hashes files (through the
+                    pool, hashes first), in chunks
   pool workers      hash files; read + decode + preprocess images (Pillow releases the GIL)
-  calling thread    ``store.existing_ids`` per chunk, model forward per batch, ``store.upsert``
+  calling thread    ``store.existing_ids`` per chunk, model forward per batch, ``store.upsert``, then the sync
 Only the calling thread touches the store and the model forward, so neither needs to be thread-safe.
 
 Resume and idempotence come from the point id = UUIDv5(sha256 of the file): a re-run hashes, asks the
 store which ids exist *before* decoding, and only decodes/embeds the rest. Each upsert is durable when
-it returns, so after Ctrl-C or SIGKILL at most the batch in flight is redone. A file whose content
-changed gets a new point; the point of its old content is left in place (the store protocol has no
-delete, and the old content may still live under another path). The same content under two paths is
-one point whose payload names the first path met in walk order.
+it returns, so after Ctrl-C or SIGKILL at most the batch in flight is redone. The same content under
+two paths is one point whose payload names the first path met in walk order (and lists the others).
+
+Once every new point is written, and only after a complete walk, the collection is synced with the
+folder (``sync``): moved/renamed files get their new path (payload update, no re-encode), then points
+whose content is no longer anywhere under the folder (deleted files, old content of changed files) are
+deleted. Writes before deletes: a kill at any moment loses nothing that is still on disk.
 """
 from __future__ import annotations
 
@@ -31,9 +35,18 @@ import numpy as np
 from ..codec import DTYPES, TOKENS_KEY, codec_name, encode_tokens
 from ..errors import CodecError, InputError
 from ..store.base import CollectionSpec, PointRecord
-from .decode import DEFAULT_MAX_PIXELS, UnusableFile, decode_image, open_regular, read_file, register_plugins
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    UnusableFile,
+    decode_image,
+    draft_size_for,
+    open_regular,
+    read_file,
+    register_plugins,
+)
 from .ids import point_id, sha256_bytes, sha256_stream
 from .pool import HASH_PRIORITY, CancelledError, TaskPool
+from .sync import LOCATIONS_KEY, Unreadable, relocate, stored_locations
 from .walk import WalkError, WalkItem, display_path, walk_images
 
 log = logging.getLogger(__name__)
@@ -52,6 +65,9 @@ class IngestReport:
     skipped_existing: int = 0
     duplicates: int = 0  # same content met again under another path in this run (one point)
     failed: int = 0
+    removed: int = 0  # points deleted by the sync: content no longer anywhere under the folder
+    moved: int = 0  # points whose path changed (file moved or renamed): payload updated, not re-encoded
+    prune_skipped: str | None = None  # why stale points were not removed this run (None: the sync ran)
     seconds: float = 0.0
     images_per_s: float = 0.0  # ingested images per second of wall time
     errors_file: str | None = None
@@ -99,8 +115,15 @@ def ingest(
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     file_timeout: float = DEFAULT_FILE_TIMEOUT,
+    prune: bool = True,
 ) -> IngestReport:
-    """Embed every image under ``folder`` into ``collection``; safe to re-run and to interrupt.
+    """Embed every image under ``folder`` into ``collection`` and keep the collection equal to the folder;
+    safe to re-run and to interrupt.
+
+    Points whose content is no longer under ``folder`` (deleted files, the old content of a changed file) are
+    removed, moved or renamed files keep their point with the new path; only points whose path is under
+    ``folder`` are considered, and nothing is removed after an interrupted walk, a walk that found no image, or
+    with ``prune=False`` (see ``ingest.sync`` for the rules).
 
     Broken files never stop the run: they are counted in ``failed`` and, when ``errors_file`` is given,
     written there as JSON lines ``{"path", "reason", "error_type", "kind"}`` (the file is rewritten
@@ -125,7 +148,7 @@ def ingest(
         errors.close()
         raise
     register_plugins()
-    return _Run(settings, store, model, report, errors, progress).execute()
+    return _Run(settings, store, model, report, errors, progress, prune).execute()
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -148,9 +171,7 @@ def _settings(folder: Any, model: Any, collection: str, dtype: str, batch_size: 
     _positive_int(max_pixels, "max_pixels")
     if isinstance(file_timeout, bool) or not isinstance(file_timeout, (int, float)) or not file_timeout > 0:
         raise InputError(f"file_timeout must be a positive number of seconds, got {file_timeout!r}")
-    size = getattr(model.vision, "image_size", None)
-    draft = max(2 * int(size), 256) if isinstance(size, int) and size > 0 else 512
-    return _Settings(root, collection, dtype, bs, nw, max_pixels, float(file_timeout), draft)
+    return _Settings(root, collection, dtype, bs, nw, max_pixels, float(file_timeout), draft_size_for(model.vision))
 
 
 def default_workers() -> int:
@@ -201,6 +222,10 @@ def _hash_file(path: Path) -> str:
     return digest
 
 
+def _location(item: WalkItem) -> dict[str, str]:
+    return {"source": display_path(item.path), "folder": item.folder}
+
+
 def _caption(path: Path) -> str | None:
     side = path.with_name(path.name + ".txt")
     try:
@@ -239,6 +264,7 @@ def _prepare(item: WalkItem, model: Any, s: _Settings) -> _Prepared:
     metadata: dict[str, Any] = {
         "source": display_path(item.path),
         "folder": item.folder,
+        LOCATIONS_KEY: [_location(item)],
         "width": img.width,
         "height": img.height,
         "mtime": content.mtime,
@@ -254,14 +280,17 @@ def _prepare(item: WalkItem, model: Any, s: _Settings) -> _Prepared:
 
 class _Run:
     def __init__(self, s: _Settings, store: Any, model: Any, report: IngestReport, errors: _ErrorLog,
-                 progress: bool) -> None:
+                 progress: bool, prune: bool) -> None:
         self.s = s
         self.store = store
         self.model = model
         self.report = report
         self.errors = errors
         self.progress = progress
+        self.prune = prune
         self.seen: set[str] = set()
+        self.found: dict[str, list[dict[str, str]]] = {}  # point id -> where this walk met its content
+        self.unreadable = Unreadable()
         self.batch: list[_Prepared] = []
         self.stop = threading.Event()
         # Chunks of (item, sha or UnusableFile) from the producer; small so it stays close ahead.
@@ -291,21 +320,22 @@ class _Run:
 
     def _produce(self) -> None:
         try:
-            chunk: list[WalkItem] = []
-            for ev in walk_images(self.s.root):
+            items: list[WalkItem] = []
+            problems = 0
+            for ev in walk_images(self.s.root):  # the whole walk first: it gives the progress total
                 if self.stop.is_set():
                     return
                 if isinstance(ev, WalkError):
+                    problems += 1
                     if not self._put(("walk_error", ev)):
                         return
                     continue
-                chunk.append(ev)
-                if len(chunk) >= self.s.batch_size:
-                    if not self._put(("chunk", self._hash_chunk(chunk))):
-                        return
-                    chunk = []
-            if chunk:
-                self._put(("chunk", self._hash_chunk(chunk)))
+                items.append(ev)
+            if not self._put(("total", len(items) + problems)):
+                return
+            for start in range(0, len(items), self.s.batch_size):
+                if not self._put(("chunk", self._hash_chunk(items[start:start + self.s.batch_size]))):
+                    return
         except CancelledError:
             return  # shutdown cancelled our hashing
         except BaseException as exc:  # a bug: hand it to the calling thread
@@ -324,6 +354,7 @@ class _Run:
                 self.bar = tqdm(desc="ingest", unit="img", dynamic_ncols=True)
             producer.start()
             self._consume()
+            self._sync()
         except BaseException as exc:
             self.report.interrupted = isinstance(exc, KeyboardInterrupt)
             self._finish(t0)
@@ -344,9 +375,10 @@ class _Run:
                 self.bar.close()
         self._finish(t0)
         log.info(
-            "ingest %s: %d new, %d already stored, %d duplicates, %d failed in %.1f s (%.1f img/s)",
-            display_path(self.s.root), self.report.ingested, self.report.skipped_existing, self.report.duplicates,
-            self.report.failed, self.report.seconds, self.report.images_per_s,
+            "ingest %s: %d new, %d already stored, %d duplicates, %d failed, %d removed, %d moved in %.1f s "
+            "(%.1f img/s)", display_path(self.s.root), self.report.ingested, self.report.skipped_existing,
+            self.report.duplicates, self.report.failed, self.report.removed, self.report.moved, self.report.seconds,
+            self.report.images_per_s,
         )
         return self.report
 
@@ -369,7 +401,13 @@ class _Run:
                 break
             if kind == "crash":
                 raise body
+            if kind == "total":
+                if self.bar is not None:
+                    self.bar.total = body
+                    self.bar.refresh()
+                continue
             if kind == "walk_error":
+                self.unreadable.folders.append(display_path(body.path))  # it, and anything under it
                 self.errors.add(body.path, body.reason, body.error_type, "walk")
                 self._tick()
                 continue
@@ -386,10 +424,10 @@ class _Run:
         ids: dict[str, WalkItem] = {}
         for item, result in hashed:
             if isinstance(result, UnusableFile):
-                self.errors.add(item.path, result.reason, result.error_type, result.kind)
-                self._tick()
+                self._failed(item.path, result)
                 continue
             pid = point_id(result)
+            self.found.setdefault(pid, []).append(_location(item))
             if pid in self.seen or pid in ids:
                 self.report.duplicates += 1
                 self._tick()
@@ -413,8 +451,7 @@ class _Run:
         try:
             prepared = self.pool.wait(task, self.s.file_timeout)
         except UnusableFile as exc:
-            self.errors.add(item.path, exc.reason, exc.error_type, exc.kind)
-            self._tick()
+            self._failed(item.path, exc)
             return
         self.batch.append(prepared)
         if len(self.batch) >= self.s.batch_size:
@@ -437,14 +474,14 @@ class _Run:
         for p, vec, tok in zip(prepared, vectors, tokens):
             source = Path(p.metadata["source"])
             if not np.isfinite(vec).all() or not np.any(vec):
-                self.errors.add(source, "the model produced a non-finite or all-zero embedding", "BadEmbedding", "model")
-                self._tick()
+                self._failed(source, UnusableFile("the model produced a non-finite or all-zero embedding", "model",
+                                                  "BadEmbedding"))
                 continue
             try:
                 blob = encode_tokens(tok, self.s.dtype)
             except CodecError as exc:
-                self.errors.add(source, f"cannot encode the image tokens: {exc}", type(exc).__name__, "model")
-                self._tick()
+                self._failed(source, UnusableFile(f"cannot encode the image tokens: {exc}", "model",
+                                                  type(exc).__name__))
                 continue
             payload = {
                 "page_content": p.page_content,
@@ -453,10 +490,71 @@ class _Run:
                 MODEL_KEY: str(self.model.fingerprint),
             }
             points.append(PointRecord(id=p.id, vector=[float(x) for x in vec], payload=payload))
+            self.found.setdefault(p.id, list(p.metadata[LOCATIONS_KEY]))  # content changed after hashing
         if points:
             self.store.upsert(self.s.collection, points)
             self.report.ingested += len(points)
             self._tick(len(points))
+
+    def _failed(self, path: Path, exc: UnusableFile) -> None:
+        """Report a file the run could not use; whatever is stored for its path stays."""
+        self.unreadable.files.add(display_path(path))
+        self.errors.add(path, exc.reason, exc.error_type, exc.kind)
+        self._tick()
+
+    # -- sync ---------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        """After a complete walk and every upsert: new paths first, then delete the stale points."""
+        if self.report.seen == 0:
+            self.report.prune_skipped = "no images found"
+            return
+        prune = self.prune
+        if not prune:
+            self.report.prune_skipped = "prune is off"
+        elif not self.found:
+            self.report.prune_skipped = "no image could be read"
+            prune = False
+        if prune:  # every point: the stale ones are not in `found`
+            candidates = self.store.scroll(self.s.collection, ["metadata"])
+        else:
+            ids = list(self.found)
+            candidates = (h for start in range(0, len(ids), 1024)
+                          for h in self.store.retrieve(self.s.collection, ids[start:start + 1024], ["metadata"]))
+        root = display_path(self.s.root)
+        updates: dict[str, dict[str, Any]] = {}
+        stale: list[str] = []
+        for hit in candidates:
+            meta = dict(hit.payload.get("metadata") or {})
+            old = stored_locations(meta)
+            new = relocate(old, self.found.get(hit.id, []), root, self.unreadable, prune)
+            if new == old:
+                continue
+            if not new:
+                stale.append(hit.id)
+                continue
+            updates[hit.id] = self._relocated(meta, new)
+        log.info("sync %s: updating the paths of %d points, then removing %d stale points", root, len(updates),
+                 len(stale))
+        if updates:
+            self.store.update_payloads(self.s.collection, updates)
+        if stale:
+            self.store.delete(self.s.collection, stale)
+            self.report.removed = len(stale)
+
+    def _relocated(self, meta: dict[str, Any], locations: list[dict[str, str]]) -> dict[str, Any]:
+        """Payload keys to rewrite for a point whose locations changed (its source too when that moved)."""
+        first = locations[0]
+        out = {**meta, LOCATIONS_KEY: locations, "folder": first["folder"]}
+        if meta.get("source") == first["source"]:
+            return {"metadata": out}
+        self.report.moved += 1
+        out["source"] = first["source"]
+        path = Path(first["source"])
+        try:
+            out["mtime"] = os.stat(path).st_mtime
+        except OSError:
+            pass
+        return {"metadata": out, "page_content": _caption(path) or display_path(path.name)}
 
 
 _POLL_PUT = 0.2

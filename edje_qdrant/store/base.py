@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,15 @@ class Store(Protocol):
 
     def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None, with_vector: bool = False) -> list[Hit]:
         """Points by id (score 0), only those that exist; ``with_vector`` also returns the `clip` vector."""
+
+    def scroll(self, name: str, payload_keys: list[str] | None, page_size: int = 1024) -> Iterator[Hit]:
+        """Every point (score 0), page by page; payload restricted to ``payload_keys``."""
+
+    def update_payloads(self, name: str, updates: Mapping[str, dict[str, Any]]) -> None:
+        """Per point id, replace the given top-level payload keys (others, e.g. the token blob, stay); durable."""
+
+    def delete(self, name: str, ids: Iterable[str]) -> None:
+        """Remove points by id (ids not stored are ignored); durable once it returns."""
 
     def count(self, name: str) -> int: ...
 

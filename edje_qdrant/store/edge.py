@@ -19,7 +19,7 @@ import threading
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import qdrant_edge as qe
 
@@ -281,6 +281,52 @@ class EdgeStore:
                 return coll.shard.retrieve([uuid.UUID(i) for i in ids], with_payload=selector, with_vector=with_vector)
             except Exception as e:
                 raise StoreError(f"retrieve from collection {name!r} in {self.path} failed: {e}") from e
+
+    def scroll(self, name: str, payload_keys: list[str] | None, page_size: int = 1024) -> Iterator[Hit]:
+        """Every point (score 0) in id order, ``page_size`` per shard call; payload restricted to ``payload_keys``."""
+        check_limit(page_size)
+        selector = payload_selector(payload_keys)
+        offset: Any = None
+        while True:
+            with self._use(name) as coll:
+                try:
+                    records, offset = coll.shard.scroll(
+                        qe.ScrollRequest(offset=offset, limit=page_size, with_payload=selector, with_vector=False))
+                except Exception as e:
+                    raise StoreError(f"scroll over collection {name!r} in {self.path} failed: {e}") from e
+            for r in records:
+                yield Hit(id=str(r.id), score=0.0, payload=dict(r.payload or {}))
+            if offset is None or not records:
+                return
+
+    def update_payloads(self, name: str, updates: Mapping[str, dict[str, Any]]) -> None:
+        """Per point id, replace the given top-level payload keys (the token blob is not rewritten); flushed."""
+        ops = [qe.UpdateOperation.set_payload([uuid.UUID(canonical_id(pid))], dict(payload))
+               for pid, payload in updates.items()]
+        self._write(name, ops, "update the payload of")
+
+    def delete(self, name: str, ids: Iterable[str]) -> None:
+        """Remove points by id (ids not stored are ignored); flushed to disk before returning."""
+        keys = [uuid.UUID(cid) for cid in canonical_ids(ids)]
+        ops = [qe.UpdateOperation.delete_points(keys[i:i + self.batch_size])
+               for i in range(0, len(keys), self.batch_size)]
+        self._write(name, ops, "delete")
+
+    def _write(self, name: str, ops: list[Any], what: str) -> None:
+        """Apply update operations under the write lock, then flush once."""
+        if not ops:
+            return
+        with self._use(name) as coll, coll.write_lock:
+            for op in ops:
+                try:
+                    coll.shard.update(op)
+                except Exception as e:
+                    raise StoreError(f"Qdrant Edge could not {what} points in collection {name!r} in {self.path}: "
+                                     f"{e}") from e
+            try:
+                coll.shard.flush()
+            except Exception as e:
+                raise StoreError(f"flushing collection {name!r} in {self.path} failed: {e}") from e
 
     def count(self, name: str) -> int:
         with self._use(name) as coll:

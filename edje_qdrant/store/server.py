@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from qdrant_client import QdrantClient, models
@@ -260,6 +260,44 @@ class ClientStore:
             return []
         return self._call(f"retrieve from {name!r}", self.client.retrieve, name, ids,
                           with_payload=selector, with_vectors=with_vector)
+
+    def scroll(self, name: str, payload_keys: list[str] | None, page_size: int = 1024) -> Iterator[Hit]:
+        """Every point (score 0), ``page_size`` per call; payload restricted to ``payload_keys``."""
+        check_limit(page_size)
+        _, spec_point = self._spec(name)
+        flt = _without_spec_point(None) if spec_point else None
+        selector = payload_selector(payload_keys)
+        offset: Any = None
+        while True:
+            records, offset = self._call(f"scroll over {name!r}", self.client.scroll, name, scroll_filter=flt,
+                                         limit=page_size, offset=offset, with_payload=selector, with_vectors=False)
+            for r in records:
+                yield Hit(id=str(r.id), score=0.0, payload=dict(r.payload or {}))
+            if offset is None or not records:
+                return
+
+    def update_payloads(self, name: str, updates: Mapping[str, dict[str, Any]]) -> None:
+        """Per point id, replace the given top-level payload keys (the token blob is not resent); acknowledged."""
+        self._spec(name)
+        ops = []
+        for pid, payload in updates.items():
+            cid = canonical_id(pid)
+            if cid == SPEC_POINT_ID:
+                raise InputError(f"point id {pid} is reserved by edje-qdrant for the collection record")
+            ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=dict(payload), points=[cid])))
+        for start in range(0, len(ops), self.batch_size):
+            batch = ops[start:start + self.batch_size]
+            self._call(f"updating the payload of {len(batch)} points in {name!r}", self.client.batch_update_points,
+                       name, batch, wait=True)
+
+    def delete(self, name: str, ids: Iterable[str]) -> None:
+        """Remove points by id (ids not stored are ignored); acknowledged (wait=True)."""
+        self._spec(name)
+        keys = [cid for cid in canonical_ids(ids) if cid != SPEC_POINT_ID]
+        for start in range(0, len(keys), 1024):
+            batch = keys[start:start + 1024]
+            self._call(f"deleting {len(batch)} points from {name!r}", self.client.delete, name,
+                       models.PointIdsList(points=batch), wait=True)
 
     def count(self, name: str) -> int:
         _, spec_point = self._spec(name)

@@ -1,0 +1,69 @@
+"""Keep a collection equal to the folder being ingested: where each stored picture lives now.
+
+A point is one picture's content (id = UUIDv5 of its sha256), so a file is not a point: the same bytes can
+sit at several paths, under several ingested roots. Each point records them in ``metadata.locations``
+(``[{"source", "folder"}]``, the first one is the point's ``source``/``folder``; older points without the
+list count as ``[{source, folder}]``). After a complete walk of ``root``:
+
+- a location under ``root`` where the walk did not find this content is *stale*: with ``prune`` it is
+  dropped, and a point left with no location is deleted (a deleted file, the old content of a changed file);
+- paths where the walk found the content are added (a moved/renamed file, a new copy): no re-encoding;
+- the first location is always one that still holds the content when there is one (the point "moves");
+- locations outside ``root`` are never touched (another ingested folder owns them), nor are paths the walk
+  could not read (a failed file, or anything under a folder it could not list): they keep their points.
+Paths are compared as written (absolute, links not resolved), ``root`` by whole path components.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+LOCATIONS_KEY = "locations"
+
+
+def under(path: str, root: str) -> bool:
+    """True when ``path`` is inside the folder ``root`` (whole components: /a/bc is not under /a/b)."""
+    prefix = root if root.endswith("/") else root + "/"
+    return path.startswith(prefix)
+
+
+def stored_locations(metadata: dict[str, Any]) -> list[dict[str, str]]:
+    """The point's locations; a point written before they were recorded has its one ``source``."""
+    locs = metadata.get(LOCATIONS_KEY)
+    if isinstance(locs, list) and all(isinstance(x, dict) and isinstance(x.get("source"), str) for x in locs):
+        return [{"source": x["source"], "folder": str(x.get("folder", ""))} for x in locs]
+    source = metadata.get("source")
+    return [{"source": source, "folder": str(metadata.get("folder", ""))}] if isinstance(source, str) else []
+
+
+@dataclass
+class Unreadable:
+    """Paths the walk met but could not use: their points are kept as they are."""
+
+    files: set[str] = field(default_factory=set)
+    folders: list[str] = field(default_factory=list)
+
+    def __call__(self, path: str) -> bool:
+        return path in self.files or any(path == f or under(path, f) for f in self.folders)
+
+
+def relocate(old: list[dict[str, str]], found: list[dict[str, str]], root: str, unreadable: Callable[[str], bool],
+             prune: bool) -> list[dict[str, str]]:
+    """New locations of one point: ``old`` as stored, ``found`` where this walk met its content (walk order).
+
+    Returns ``[]`` when the point is to be deleted (every location was stale and ``prune`` is on).
+    """
+    found_paths = {x["source"] for x in found}
+
+    def stale(loc: dict[str, str]) -> bool:
+        return under(loc["source"], root) and loc["source"] not in found_paths and not unreadable(loc["source"])
+
+    kept = [x for x in old if not (prune and stale(x))]
+    known = {x["source"] for x in kept}
+    new = kept + [x for x in found if x["source"] not in known]
+    if new and stale(new[0]):  # the point's own path is gone: take the first that still holds it
+        fresh = next((x for x in new if not stale(x)), None)
+        if fresh is not None:
+            new.remove(fresh)
+            new.insert(0, fresh)
+    return new
