@@ -99,8 +99,13 @@ def ingest(
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     file_timeout: float = DEFAULT_FILE_TIMEOUT,
+    executor: str = "local",
+    ray_options: Any = None,
 ) -> IngestReport:
     """Embed every image under ``folder`` into ``collection``; safe to re-run and to interrupt.
+
+    ``executor="ray"`` spreads hashing and the model over a Ray cluster (``ray_options``: a
+    ``distributed.RayOptions``; needs the ``ray`` extra), with the same ids, points and report.
 
     Broken files never stop the run: they are counted in ``failed`` and, when ``errors_file`` is given,
     written there as JSON lines ``{"path", "reason", "error_type", "kind"}`` (the file is rewritten
@@ -110,6 +115,10 @@ def ingest(
     everything already upserted stays, and the interrupt is re-raised with the partial report attached
     as ``exc.ingest_report``.
     """
+    if executor != "local":
+        return _ingest_elsewhere(executor, ray_options, folder, store, model, collection, dtype=dtype,
+                                 batch_size=batch_size, workers=workers, errors_file=errors_file,
+                                 progress=progress, max_pixels=max_pixels, file_timeout=file_timeout)
     settings = _settings(folder, model, collection, dtype, batch_size, workers, max_pixels, file_timeout)
     spec = CollectionSpec(
         dim=int(model.clip_dim),
@@ -126,6 +135,15 @@ def ingest(
         raise
     register_plugins()
     return _Run(settings, store, model, report, errors, progress).execute()
+
+
+def _ingest_elsewhere(executor: str, ray_options: Any, *args: Any, **kwargs: Any) -> IngestReport:
+    """Dispatch to another executor (only "ray" so far: ``distributed.ingest_on_ray``)."""
+    if executor != "ray":
+        raise InputError(f"executor {executor!r} is not supported; use 'local' or 'ray'")
+    from .distributed import ingest_on_ray
+
+    return ingest_on_ray(*args, options=ray_options, **kwargs)
 
 
 def _positive_int(value: Any, name: str) -> int:
