@@ -1,6 +1,6 @@
 """Run every benchmark and print its table; ``--json [PATH]`` also writes one JSON summary (stdout when no PATH).
 
-    python benchmarks/run.py [--quick] [--json [out.json]] [--only split,rerank,search,ingest,storage,blip]
+    python benchmarks/run.py [--quick] [--json [out.json]] [--only split,rerank,search,ingest,storage,blip,ray]
 
 Targets (issues 5 and 11) are checked at the end against the numbers of this run.
 """
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-SECTIONS = ("split", "rerank", "search", "ingest", "storage", "blip")
+SECTIONS = ("split", "rerank", "search", "ingest", "storage", "blip", "ray")
 EXTRA_SECTIONS = ("siglip2",)  # paper-configuration cost row (issue 4): only with --only siglip2 (slow on a CPU)
 
 
@@ -44,6 +44,8 @@ def targets(s: dict[str, Any]) -> list[list[Any]]:
             (v("gpu_pairs_per_s") or 0) >= 100_000),
         row("ingest efficiency", v("ingest_efficiency"), ">= 0.95", (v("ingest_efficiency") or 0) >= 0.95),
         row("int8 blob (bytes)", v("blob_bytes_int8"), "<= 24,800", (v("blob_bytes_int8") or 1e9) <= 24_800),
+        row("Ray ingest, 2 workers vs single process (x, one machine)", v("ray_vs_single_2"), ">= 0.90",
+            (v("ray_vs_single_2") or 0) >= 0.90),
     ]
 
 
@@ -91,6 +93,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import bench_blip
 
             results["blip"] = bench_blip.run(args.quick)
+        elif name == "ray":
+            try:
+                import ray  # noqa: F401  (optional extra)
+            except ImportError:
+                print("\n## ray: skipped (Ray is not installed: pip install -e \".[ray]\")", flush=True)
+                continue
+            import bench_ray
+
+            results["ray"] = bench_ray.run(args.quick, workdir=args.workdir)
         elif name == "siglip2":
             import bench_siglip2
 
@@ -126,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "blip_style_cost_ratio": r.get("blip", {}).get("blip_style_cost_ratio"),
         "blip_style_cost_ratio_vitl": r.get("blip", {}).get("blip_style_cost_ratio_vitl"),
         "gpu_pairs_per_s": rr.get("gpu_pairs_per_s"),
+        "ray_images_per_s": r.get("ray", {}).get("ray_images_per_s"),
+        "ray_vs_single_2": (r.get("ray", {}).get("ray_vs_single") or {}).get("ray_2"),
         "siglip2_cost_ratio": r.get("siglip2", {}).get("siglip2_cost_ratio"),
         "machine": results["machine"],
         "quick": args.quick,

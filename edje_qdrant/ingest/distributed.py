@@ -416,14 +416,15 @@ class _RayRun:
     def _embed(self, todo: list[dict[str, Any]]) -> None:
         model_ref = self.ray.put(_model_for_workers(self.model))
         bs = self.s.batch_size
-        ds = self.ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // bs)))
+        blocks = max(1, -(-len(todo) // bs))
+        ds = self.ray.data.from_items(todo, override_num_blocks=blocks)
         embedded = ds.map_batches(
             EmbedWorker,
             fn_constructor_kwargs={"model_ref": [model_ref], "settings": self.s, "fingerprint": self.spec.fingerprint,
                                    "connection": self.connection, "spec": self.spec},
             batch_size=bs,
             batch_format="numpy",
-            compute=self.ray.data.ActorPoolStrategy(size=self.opts.workers),
+            compute=self.ray.data.ActorPoolStrategy(size=min(self.opts.workers, blocks)),
             num_cpus=self.opts.cpus_per_worker,
             num_gpus=self.opts.gpus_per_worker or None,
         )
