@@ -14,6 +14,7 @@ from edje_qdrant.errors import InputError
 from edje_qdrant.store import open_store
 from edje_qdrant.store.base import CollectionSpec
 from edje_qdrant.store.server import ClientStore, CollectionOptions, create_collection_args
+from test_store_server import server  # noqa: F401  (fixture: QDRANT_URL, else a Docker container, else skip)
 
 SPEC = CollectionSpec(dim=8, model="tiny-random", fingerprint="tiny-random/abc", codec="edje-tokens/v1/fp16/64x384")
 FULL = CollectionOptions(shards=6, replication=2, on_disk_payload=True, on_disk_vectors=True, on_disk_index=True)
@@ -73,6 +74,20 @@ def test_connection_for_workers_keeps_the_server_and_key():
     conn = store.connection()
     assert conn["url"] == "http://qdrant.example:6333" and conn["api_key"] == "secret" and conn["prefer_grpc"] is True
     assert QdrantClient(**conn, check_compatibility=False).init_options["grpc_port"] == client.init_options["grpc_port"]
+
+
+@pytest.mark.server
+def test_server_creates_the_collection_with_the_layout(server):  # noqa: F811
+    client, url = server
+    name = f"edjetest-layout-{uuid.uuid4().hex[:8]}"
+    options = CollectionOptions(shards=3, replication=1, on_disk_payload=True, on_disk_vectors=True,
+                                on_disk_index=True)
+    store = ClientStore(client, url=url, collection_options=options)
+    try:
+        store.open_collection(name, SPEC)
+        assert store.collection_layout(name) == options.to_dict()
+    finally:
+        client.delete_collection(name)
 
 
 @pytest.mark.server
