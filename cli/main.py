@@ -30,10 +30,10 @@ def main(verbose: int) -> None:
 
 
 def scale_options(func):
-    """--ray/--gpus-per-worker and the collection layout (--shards/--replication/--on-disk-*), passed to the
+    """--ray/--gpus-per-worker and the collection layout (--shards/--replication/--on-disk-*/--quantization), passed to the
     command as one ``scale`` dict (with --ray, --workers counts Ray actors)."""
     names = ("ray_address", "gpus_per_worker", "shards", "replication", "on_disk_payload", "on_disk_vectors",
-             "on_disk_index")
+             "on_disk_index", "quantization")
     options = [
         click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                      help="Run decoding and the model on Ray (extra `ray`): alone, a local Ray instance (or "
@@ -50,6 +50,9 @@ def scale_options(func):
                      help="New collection on a server: memory-map the `clip` vectors (default: in RAM)."),
         click.option("--on-disk-index/--in-ram-index", default=None,
                      help="New collection on a server: keep the HNSW index on disk (default: in RAM)."),
+        click.option("--quantization", type=click.Choice(["int8"]), default=None,
+                     help="New collection on a server: an int8 copy of the vectors pinned in RAM (pair with "
+                          "--on-disk-vectors)."),
     ]
 
     @functools.wraps(func)
@@ -65,13 +68,11 @@ def scale_options(func):
 def _scale_setup(scale: dict, workers: int | None):
     """(collection options or None, ray options or None) from the scale block; Ray is checked before any work."""
     layout = None
-    if any(scale[k] is not None for k in ("shards", "replication", "on_disk_payload", "on_disk_vectors",
-                                          "on_disk_index")):
+    fields = ("shards", "replication", "on_disk_payload", "on_disk_vectors", "on_disk_index", "quantization")
+    if any(scale[k] is not None for k in fields):
         from edje_qdrant.store.server import CollectionOptions
 
-        layout = CollectionOptions(shards=scale["shards"], replication=scale["replication"],
-                                   on_disk_payload=scale["on_disk_payload"], on_disk_vectors=scale["on_disk_vectors"],
-                                   on_disk_index=scale["on_disk_index"])
+        layout = CollectionOptions(**{k: scale[k] for k in fields})
     if scale["ray_address"] is None:
         if scale["gpus_per_worker"]:
             from edje_qdrant.errors import InputError

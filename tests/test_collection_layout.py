@@ -17,13 +17,16 @@ from edje_qdrant.store.server import ClientStore, CollectionOptions, create_coll
 from test_store_server import server  # noqa: F401  (fixture: QDRANT_URL, else a Docker container, else skip)
 
 SPEC = CollectionSpec(dim=8, model="tiny-random", fingerprint="tiny-random/abc", codec="edje-tokens/v1/fp16/64x384")
-FULL = CollectionOptions(shards=6, replication=2, on_disk_payload=True, on_disk_vectors=True, on_disk_index=True)
+FULL = CollectionOptions(shards=6, replication=2, on_disk_payload=True, on_disk_vectors=True, on_disk_index=True,
+                         quantization="int8")
 
 
 def test_create_request_carries_every_option():
     args = create_collection_args(SPEC, FULL)
     assert args["shard_number"] == 6 and args["replication_factor"] == 2 and args["on_disk_payload"] is True
     assert args["hnsw_config"] == models.HnswConfigDiff(on_disk=True)
+    scalar = args["quantization_config"].scalar
+    assert scalar.type == models.ScalarType.INT8 and scalar.always_ram is True
     clip = args["vectors_config"]["clip"]
     assert (clip.size, clip.distance, clip.on_disk) == (8, models.Distance.COSINE, True)
     assert args["metadata"] == {"edje": SPEC.to_dict()}
@@ -41,6 +44,8 @@ def test_bad_values_and_options_on_the_embedded_store_are_refused(tmp_path):
         CollectionOptions(shards=0)
     with pytest.raises(InputError, match="replication must be a positive integer"):
         CollectionOptions(replication=True)
+    with pytest.raises(InputError, match="quantization must be 'int8'"):
+        CollectionOptions(quantization="binary")
     with pytest.raises(InputError, match="apply to a Qdrant server: pass --url"):
         open_store(path=str(tmp_path / "edge"), collection_options=CollectionOptions(shards=2))
     assert not (tmp_path / "edge").exists()
@@ -58,7 +63,8 @@ def test_local_mode_reports_what_it_keeps():
     store.open_collection("images", SPEC)
     layout = store.collection_layout("images")
     assert layout["on_disk_vectors"] is True
-    assert set(layout) == {"shards", "replication", "on_disk_payload", "on_disk_vectors", "on_disk_index"}
+    assert set(layout) == {"shards", "replication", "on_disk_payload", "on_disk_vectors", "on_disk_index",
+                           "quantization"}
     assert store.connection() is None  # local mode is this process only: Ray workers cannot write to it
     plain = ClientStore(QdrantClient(location=":memory:"))
     plain.open_collection("images", SPEC)
@@ -81,7 +87,7 @@ def test_server_creates_the_collection_with_the_layout(server):  # noqa: F811
     client, url = server
     name = f"edjetest-layout-{uuid.uuid4().hex[:8]}"
     options = CollectionOptions(shards=3, replication=1, on_disk_payload=True, on_disk_vectors=True,
-                                on_disk_index=True)
+                                on_disk_index=True, quantization="int8")
     store = ClientStore(client, url=url, collection_options=options)
     try:
         store.open_collection(name, SPEC)
@@ -102,12 +108,12 @@ def test_server_collection_has_the_layout_and_info_shows_it(tmp_path, demo_folde
     try:
         res = CliRunner().invoke(main, ["ingest", str(demo_folder), *base, "--model", "tiny-random", "--json",
                                         "--shards", "3", "--replication", "1", "--on-disk-vectors",
-                                        "--on-disk-payload", "--on-disk-index"])
+                                        "--on-disk-payload", "--on-disk-index", "--quantization", "int8"])
         assert res.exit_code == 0, res.output
         res = CliRunner().invoke(main, ["info", *base, "--json"])
         info = json.loads(res.output)
         assert (info["shards"], info["replication"], info["on_disk_payload"], info["on_disk_vectors"],
-                info["on_disk_index"]) == (3, 1, True, True, True)
+                info["on_disk_index"], info["quantization"]) == (3, 1, True, True, True, "int8")
         assert info["points"] == 12
     finally:
         QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY")).delete_collection(collection)

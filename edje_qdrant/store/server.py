@@ -68,12 +68,15 @@ class CollectionOptions:
     on_disk_payload: bool | None = None  # keep payloads (the token blobs) on disk, read when asked for
     on_disk_vectors: bool | None = None  # memory-map the `clip` vectors instead of holding them in RAM
     on_disk_index: bool | None = None  # keep the HNSW graph on disk
+    quantization: str | None = None  # "int8": a scalar-quantized copy of the `clip` vectors pinned in RAM
 
     def __post_init__(self) -> None:
         for field in ("shards", "replication"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(f"collection option {field} must be a positive integer, got {value!r}")
+        if self.quantization not in (None, "int8"):
+            raise InputError(f"collection option quantization must be 'int8' or None, got {self.quantization!r}")
 
     def is_default(self) -> bool:
         return all(v is None for v in asdict(self).values())
@@ -99,6 +102,9 @@ def create_collection_args(spec: CollectionSpec, options: CollectionOptions | No
         args["on_disk_payload"] = o.on_disk_payload
     if o.on_disk_index is not None:
         args["hnsw_config"] = models.HnswConfigDiff(on_disk=o.on_disk_index)
+    if o.quantization == "int8":
+        args["quantization_config"] = models.ScalarQuantization(
+            scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True))
     return args
 
 
@@ -332,12 +338,16 @@ class ClientStore:
         params = info.config.params
         vectors = params.vectors.get(VECTOR_NAME) if isinstance(params.vectors, dict) else None
         hnsw = getattr(info.config, "hnsw_config", None)
+        quant = getattr(info.config, "quantization_config", None)
+        scalar = getattr(quant, "scalar", None)
         return {
             "shards": params.shard_number,
             "replication": params.replication_factor,
             "on_disk_payload": params.on_disk_payload,
             "on_disk_vectors": getattr(vectors, "on_disk", None),
             "on_disk_index": getattr(hnsw, "on_disk", None),
+            "quantization": "int8" if scalar is not None and scalar.type == models.ScalarType.INT8 else
+            (type(quant).__name__ if quant is not None else None),
         }
 
     def connection(self) -> dict[str, Any] | None:
