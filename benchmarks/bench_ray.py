@@ -1,11 +1,10 @@
 """Distributed ingest overhead: images/s of ``ingest(..., executor="ray")`` with 1 and 2 Ray workers against the
 single-process pipeline, same images, same model, same batch size, Edge store (the driver is the one writer).
-``vs single`` compares whole runs; ``steady vs single`` compares the Ray rate after its first stored batch with
-the single-process whole-run rate, i.e. what a long run converges to once the fixed start is paid.
 
-On one machine Ray buys no compute (the workers share the same cores); the point is what it costs: the
-``vs single`` column is Ray images/s / single-process images/s over the whole run, and the ``steady`` columns
-leave out the fixed start (hash tasks, actors loading the model) by timing from the first stored batch.
+On one machine Ray buys no compute (the workers share the same cores); the point is what it costs. The
+single-process run goes first and last (after a warm-up forward), and ``vs single`` divides by the mean of the two,
+so drift of the shared machine's load shows up as the gap between them. ``first batch s`` is when the first batch
+was stored: the fixed start (hash tasks, actors importing torch and unpickling the model) plus one batch.
 
     python benchmarks/bench_ray.py [--quick] [--images N]
 """
@@ -19,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 import _common as C
 from bench_ingest import ingest_model, make_images
@@ -28,24 +29,20 @@ from edje_qdrant.store import EdgeStore
 
 
 def _timed(folder: Path, store_dir: Path, model: Any, bs: int, **kwargs: Any) -> dict[str, float]:
-    """Whole-run seconds and images/s, plus the rate after the first stored batch (the fixed start left out)."""
-    marks: list[tuple[float, int]] = []
+    """Whole-run seconds and images/s; with Ray also when the first batch was stored."""
+    marks: list[float] = []
     opts = kwargs.get("ray_options")
     if opts is not None:
         from dataclasses import replace
 
-        kwargs["ray_options"] = replace(opts, on_batch=lambda r: marks.append((time.perf_counter(), r.ingested)))
+        kwargs["ray_options"] = replace(opts, on_batch=lambda r: marks.append(time.perf_counter()))
     store = EdgeStore(store_dir)
     t0 = time.perf_counter()
     report = ingest(folder, store, model, "bench", batch_size=bs, **kwargs)
     total = time.perf_counter() - t0
     store.close()
-    out = {"seconds": total, "images_per_s": report.ingested / total, "ingested": report.ingested}
-    if len(marks) >= 2:
-        (t_first, n_first), (t_last, n_last) = marks[0], marks[-1]
-        out["start_s"] = t_first - t0
-        out["steady_images_per_s"] = (n_last - n_first) / (t_last - t_first) if t_last > t_first else None
-    return out
+    return {"seconds": total, "images_per_s": report.ingested / total, "ingested": report.ingested,
+            "first_batch_s": marks[0] - t0 if marks else None}
 
 
 def run(quick: bool = False, images: int | None = None, workdir: str | None = None) -> dict[str, Any]:
@@ -65,40 +62,38 @@ def run(quick: bool = False, images: int | None = None, workdir: str | None = No
              log_to_driver=False)
     init_s = time.perf_counter() - t0
     logging.getLogger("ray").setLevel(logging.WARNING)
-    rows, results = [], {}
+    results: dict[str, dict[str, Any]] = {}
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             folder = Path(tmp) / "images"
             desc = make_images(folder, n, None)
-            single = _timed(folder, Path(tmp) / "single", model, bs)
-            results["single"] = single
-            rows.append(["single process (decode threads + model)", n, single["seconds"], single["images_per_s"], 1.0,
-                         None, None, None])
+            warm = np.stack([model.vision.preprocess(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())[:4]])
+            model.embed_images(warm)  # first-forward costs out of the first timed run
+            results["single"] = _timed(folder, Path(tmp) / "single", model, bs)
             for workers in (1, 2):
                 opts = RayOptions(workers=workers, cpus_per_worker=max(1.0, cpus / workers))
-                r = _timed(folder, Path(tmp) / f"ray{workers}", model, bs, executor="ray", ray_options=opts)
-                results[f"ray_{workers}"] = r
-                steady = r.get("steady_images_per_s")
-                rows.append([f"Ray, {workers} worker(s) x {opts.cpus_per_worker:g} CPU", n, r["seconds"],
-                             r["images_per_s"], r["images_per_s"] / single["images_per_s"], r.get("start_s"), steady,
-                             steady / single["images_per_s"] if steady else None])
+                results[f"ray_{workers}"] = _timed(folder, Path(tmp) / f"ray{workers}", model, bs, executor="ray",
+                                                   ray_options=opts)
+            results["single_again"] = _timed(folder, Path(tmp) / "single-again", model, bs)
     finally:
         ray.shutdown()
     for key, r in results.items():
         if r["ingested"] != n:
             raise RuntimeError(f"{key}: stored {r['ingested']} of {n} images")
+    ref = (results["single"]["images_per_s"] + results["single_again"]["images_per_s"]) / 2
+    names = {"single": "single process, first", "ray_1": f"Ray, 1 worker x {max(1.0, cpus):g} CPU",
+             "ray_2": f"Ray, 2 workers x {max(1.0, cpus / 2):g} CPU", "single_again": "single process, again"}
+    order = ("single", "ray_1", "ray_2", "single_again")
+    rows = [[names[k], n, results[k]["seconds"], results[k]["images_per_s"], results[k]["images_per_s"] / ref,
+             results[k]["first_batch_s"]] for k in order]
     C.table("Distributed ingest on Ray vs the single-process pipeline (same images, batch, Edge store)",
-            ["path", "images", "seconds", "images/s", "vs single", "start s", "steady img/s", "steady vs single"],
-            rows,
-            f"model: {what}; images: {desc}; batch {bs}; {cpus} CPUs shared by everything; Ray start "
-            f"{init_s:.1f} s (not in the rows); load avg now {C.load_average():.2f}")
+            ["run (in this order)", "images", "seconds", "images/s", "vs single (mean)", "first batch s"], rows,
+            f"model: {what}; images: {desc}; batch {bs}; {cpus} CPUs shared by everything (other jobs too: load avg "
+            f"now {C.load_average():.2f}); Ray start {init_s:.1f} s, not in the rows")
     return {
         "ray_images_per_s": {k: v["images_per_s"] for k, v in results.items()},
-        "ray_vs_single": {k: v["images_per_s"] / results["single"]["images_per_s"] for k, v in results.items()
-                          if k != "single"},
-        "ray_steady_images_per_s": {k: v.get("steady_images_per_s") for k, v in results.items() if k != "single"},
-        "ray_steady_vs_single": {k: (v.get("steady_images_per_s") or 0) / results["single"]["images_per_s"]
-                                 for k, v in results.items() if k != "single"},
+        "ray_vs_single": {k: results[k]["images_per_s"] / ref for k in ("ray_1", "ray_2")},
+        "ray_first_batch_s": {k: results[k]["first_batch_s"] for k in ("ray_1", "ray_2")},
         "ray_init_s": init_s,
         "ray_model": what,
         "ray_images": desc,
