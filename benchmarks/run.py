@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     C.table("Targets (issues 5 and 11), this run", ["target", "value", "limit", "met"], targets(summary),
-            ("quick mode: rerank/search values are at the largest rerank_k measured (30 / 50), 1k points; "
-             if args.quick else "") + f"total {time.perf_counter() - t_start:.0f} s; sections: " +
+            ("quick mode: rerank/search values are at the largest rerank_k measured (30 / 50), 1k points; the Ray "
+             "row needs the full size (its ~10 s start dominates 16 images); " if args.quick else "") + f"total {time.perf_counter() - t_start:.0f} s; sections: " +
             ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"; load avg now {C.load_average():.2f}")
     if args.json:
         text = json.dumps(summary, indent=2, default=_jsonable)
