@@ -82,9 +82,9 @@ def _scale_setup(scale: dict, workers: int | None):
     from edje_qdrant.ingest.distributed import RayOptions, import_ray
 
     import_ray()
-    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # without -v: Ray Data's per-dataset notes stay quiet
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # without -v: Ray Data's per-dataset notes and its
+        logging.getLogger("ray").setLevel(logging.WARNING)       # "progress bars disabled" (ours is on) stay quiet
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     address = None if scale["ray_address"] == "local" else scale["ray_address"]
     return layout, RayOptions(address=address, workers=workers or 1, gpus_per_worker=scale["gpus_per_worker"])
 
