@@ -1,6 +1,6 @@
 """Run every benchmark and print its table; ``--json [PATH]`` also writes one JSON summary (stdout when no PATH).
 
-    python benchmarks/run.py [--quick] [--json [out.json]] [--only split,rerank,search,ingest,storage,blip]
+    python benchmarks/run.py [--quick] [--json [out.json]] [--only split,rerank,search,ingest,storage,blip,ray]
 
 Targets (issues 5 and 11) are checked at the end against the numbers of this run.
 """
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-SECTIONS = ("split", "rerank", "search", "ingest", "storage", "blip", "sync")
+SECTIONS = ("split", "rerank", "search", "ingest", "storage", "blip", "sync", "ray")
 EXTRA_SECTIONS = ("siglip2",)  # paper-configuration cost row (issue 4): only with --only siglip2 (slow on a CPU)
 
 
@@ -44,6 +44,8 @@ def targets(s: dict[str, Any]) -> list[list[Any]]:
             (v("gpu_pairs_per_s") or 0) >= 100_000),
         row("ingest efficiency", v("ingest_efficiency"), ">= 0.95", (v("ingest_efficiency") or 0) >= 0.95),
         row("int8 blob (bytes)", v("blob_bytes_int8"), "<= 24,800", (v("blob_bytes_int8") or 1e9) <= 24_800),
+        row("Ray ingest, 2 workers vs single process (x, one machine)", v("ray_vs_single_2"), ">= 0.90",
+            (v("ray_vs_single_2") or 0) >= 0.90),
     ]
 
 
@@ -95,6 +97,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import bench_sync
 
             results["sync"] = bench_sync.run(args.quick, workdir=args.workdir)
+        elif name == "ray":
+            try:
+                import ray  # noqa: F401  (optional extra)
+            except ImportError:
+                print("\n## ray: skipped (Ray is not installed: pip install -e \".[ray]\")", flush=True)
+                continue
+            import bench_ray
+
+            results["ray"] = bench_ray.run(args.quick, workdir=args.workdir)
         elif name == "siglip2":
             import bench_siglip2
 
@@ -133,14 +144,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sync_scan_points_per_s": r.get("sync", {}).get("scroll_metadata_points_per_s"),
         "sync_scan_per_point_vs_hash_3mb": r.get("sync", {}).get("scan_per_point_vs_hash_3mb"),
         "sync_reingest_overhead_ratio": r.get("sync", {}).get("sync_overhead_ratio"),
+        "ray_images_per_s": r.get("ray", {}).get("ray_images_per_s"),
+        "ray_vs_single_2": (r.get("ray", {}).get("ray_vs_single") or {}).get("ray_2"),
         "siglip2_cost_ratio": r.get("siglip2", {}).get("siglip2_cost_ratio"),
         "machine": results["machine"],
         "quick": args.quick,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     C.table("Targets (issues 5 and 11), this run", ["target", "value", "limit", "met"], targets(summary),
-            ("quick mode: rerank/search values are at the largest rerank_k measured (30 / 50), 1k points; "
-             if args.quick else "") + f"total {time.perf_counter() - t_start:.0f} s; sections: " +
+            ("quick mode: rerank/search values are at the largest rerank_k measured (30 / 50), 1k points; the Ray "
+             "row needs the full size (its ~10 s start dominates 16 images); " if args.quick else "") + f"total {time.perf_counter() - t_start:.0f} s; sections: " +
             ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"; load avg now {C.load_average():.2f}")
     if args.json:
         text = json.dumps(summary, indent=2, default=_jsonable)

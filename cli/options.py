@@ -43,10 +43,10 @@ def model_options(default_model: str | None) -> Callable[[Callable[..., Any]], C
     return wrap
 
 
-def open_store_from(store: str, url: str | None, api_key: str | None) -> Any:
+def open_store_from(store: str, url: str | None, api_key: str | None, collection_options: Any = None) -> Any:
     from edje_qdrant.store import open_store
 
-    return open_store(path=None if url else store, url=url, api_key=api_key)
+    return open_store(path=None if url else store, url=url, api_key=api_key, collection_options=collection_options)
 
 
 def library_errors(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -46,7 +46,7 @@ from .decode import (
 )
 from .ids import point_id, sha256_bytes, sha256_stream
 from .pool import HASH_PRIORITY, CancelledError, TaskPool
-from .sync import LOCATIONS_KEY, Unreadable, relocate, stored_locations
+from .sync import LOCATIONS_KEY, Unreadable, sync_collection
 from .walk import WalkError, WalkItem, display_path, walk_images
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ def ingest(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     file_timeout: float = DEFAULT_FILE_TIMEOUT,
     prune: bool = True,
+    executor: str = "local",
+    ray_options: Any = None,
 ) -> IngestReport:
     """Embed every image under ``folder`` into ``collection`` and keep the collection equal to the folder;
     safe to re-run and to interrupt.
@@ -125,6 +127,9 @@ def ingest(
     ``folder`` are considered, and nothing is removed after an interrupted walk, a walk that found no image, or
     with ``prune=False`` (see ``ingest.sync`` for the rules).
 
+    ``executor="ray"`` spreads hashing and the model over a Ray cluster (``ray_options``: a
+    ``distributed.RayOptions``; needs the ``ray`` extra), with the same ids, points and report.
+
     Broken files never stop the run: they are counted in ``failed`` and, when ``errors_file`` is given,
     written there as JSON lines ``{"path", "reason", "error_type", "kind"}`` (the file is rewritten
     each run). ``max_pixels`` refuses larger images (decompression bombs; a cap above Pillow's own hard
@@ -133,6 +138,10 @@ def ingest(
     everything already upserted stays, and the interrupt is re-raised with the partial report attached
     as ``exc.ingest_report``.
     """
+    if executor != "local":
+        return _ingest_elsewhere(executor, ray_options, folder, store, model, collection, dtype=dtype,
+                                 batch_size=batch_size, workers=workers, errors_file=errors_file,
+                                 progress=progress, max_pixels=max_pixels, file_timeout=file_timeout, prune=prune)
     settings = _settings(folder, model, collection, dtype, batch_size, workers, max_pixels, file_timeout)
     spec = CollectionSpec(
         dim=int(model.clip_dim),
@@ -149,6 +158,15 @@ def ingest(
         raise
     register_plugins()
     return _Run(settings, store, model, report, errors, progress, prune).execute()
+
+
+def _ingest_elsewhere(executor: str, ray_options: Any, *args: Any, **kwargs: Any) -> IngestReport:
+    """Dispatch to another executor (only "ray" so far: ``distributed.ingest_on_ray``)."""
+    if executor != "ray":
+        raise InputError(f"executor {executor!r} is not supported; use 'local' or 'ray'")
+    from .distributed import ingest_on_ray
+
+    return ingest_on_ray(*args, options=ray_options, **kwargs)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -226,7 +244,8 @@ def _location(item: WalkItem) -> dict[str, str]:
     return {"source": display_path(item.path), "folder": item.folder}
 
 
-def _caption(path: Path) -> str | None:
+def caption_of(path: Path) -> str | None:
+    """The text of a ``NAME.txt`` file beside the image (its page_content), if any."""
     side = path.with_name(path.name + ".txt")
     try:
         with open(side, "rb") as fh:
@@ -274,7 +293,7 @@ def _prepare(item: WalkItem, model: Any, s: _Settings) -> _Prepared:
         "orientation": img.orientation,
         **img.exif,
     }
-    page_content = _caption(item.path) or display_path(item.path.name)
+    page_content = caption_of(item.path) or display_path(item.path.name)
     return _Prepared(id=point_id(sha), pixels=pixels, page_content=page_content, metadata=metadata)
 
 
@@ -505,56 +524,8 @@ class _Run:
     # -- sync ---------------------------------------------------------------------------------------
     def _sync(self) -> None:
         """After a complete walk and every upsert: new paths first, then delete the stale points."""
-        if self.report.seen == 0:
-            self.report.prune_skipped = "no images found"
-            return
-        prune = self.prune
-        if not prune:
-            self.report.prune_skipped = "prune is off"
-        elif not self.found:
-            self.report.prune_skipped = "no image could be read"
-            prune = False
-        if prune:  # every point: the stale ones are not in `found`
-            candidates = self.store.scroll(self.s.collection, ["metadata"])
-        else:
-            ids = list(self.found)
-            candidates = (h for start in range(0, len(ids), 1024)
-                          for h in self.store.retrieve(self.s.collection, ids[start:start + 1024], ["metadata"]))
-        root = display_path(self.s.root)
-        updates: dict[str, dict[str, Any]] = {}
-        stale: list[str] = []
-        for hit in candidates:
-            meta = dict(hit.payload.get("metadata") or {})
-            old = stored_locations(meta)
-            new = relocate(old, self.found.get(hit.id, []), root, self.unreadable, prune)
-            if new == old:
-                continue
-            if not new:
-                stale.append(hit.id)
-                continue
-            updates[hit.id] = self._relocated(meta, new)
-        log.info("sync %s: updating the paths of %d points, then removing %d stale points", root, len(updates),
-                 len(stale))
-        if updates:
-            self.store.update_payloads(self.s.collection, updates)
-        if stale:
-            self.store.delete(self.s.collection, stale)
-            self.report.removed = len(stale)
-
-    def _relocated(self, meta: dict[str, Any], locations: list[dict[str, str]]) -> dict[str, Any]:
-        """Payload keys to rewrite for a point whose locations changed (its source too when that moved)."""
-        first = locations[0]
-        out = {**meta, LOCATIONS_KEY: locations, "folder": first["folder"]}
-        if meta.get("source") == first["source"]:
-            return {"metadata": out}
-        self.report.moved += 1
-        out["source"] = first["source"]
-        path = Path(first["source"])
-        try:
-            out["mtime"] = os.stat(path).st_mtime
-        except OSError:
-            pass
-        return {"metadata": out, "page_content": _caption(path) or display_path(path.name)}
+        sync_collection(self.store, self.s.collection, self.s.root, self.found, self.unreadable, self.prune,
+                        self.report, caption_of)
 
 
 _POLL_PUT = 0.2

@@ -15,8 +15,15 @@ Paths are compared as written (absolute, links not resolved), ``root`` by whole 
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
+
+from .walk import display_path
+
+log = logging.getLogger(__name__)
 
 LOCATIONS_KEY = "locations"
 
@@ -67,3 +74,63 @@ def relocate(old: list[dict[str, str]], found: list[dict[str, str]], root: str, 
             new.remove(fresh)
             new.insert(0, fresh)
     return new
+
+
+def sync_collection(store: Any, collection: str, root: Path, found: dict[str, list[dict[str, str]]],
+                    unreadable: Unreadable, prune: bool, report: Any, caption_of: Callable[[Path], str | None]
+                    ) -> None:
+    """After a complete walk of ``root`` and every upsert: rewrite the locations of points whose files moved,
+    then (with ``prune``) delete the points left with none. ``found``: point id -> where this walk met its
+    content; ``report`` gets ``removed``, ``moved`` and ``prune_skipped``."""
+    if report.seen == 0:
+        report.prune_skipped = "no images found"
+        return
+    if not prune:
+        report.prune_skipped = "prune is off"
+    elif not found:
+        report.prune_skipped = "no image could be read"
+        prune = False
+    if prune:  # every point: the stale ones are not in `found`
+        candidates = store.scroll(collection, ["metadata"])
+    else:
+        ids = list(found)
+        candidates = (h for start in range(0, len(ids), 1024)
+                      for h in store.retrieve(collection, ids[start:start + 1024], ["metadata"]))
+    shown_root = display_path(root)
+    updates: dict[str, dict[str, Any]] = {}
+    stale: list[str] = []
+    for hit in candidates:
+        meta = dict(hit.payload.get("metadata") or {})
+        old = stored_locations(meta)
+        new = relocate(old, found.get(hit.id, []), shown_root, unreadable, prune)
+        if new == old:
+            continue
+        if not new:
+            stale.append(hit.id)
+            continue
+        updates[hit.id], moved = _relocated(meta, new, caption_of)
+        report.moved += moved
+    log.info("sync %s: updating the paths of %d points, then removing %d stale points", shown_root, len(updates),
+             len(stale))
+    if updates:
+        store.update_payloads(collection, updates)
+    if stale:
+        store.delete(collection, stale)
+        report.removed = len(stale)
+
+
+def _relocated(meta: dict[str, Any], locations: list[dict[str, str]], caption_of: Callable[[Path], str | None]
+               ) -> tuple[dict[str, Any], int]:
+    """Payload keys to rewrite for a point whose locations changed (its source too when that moved), and
+    whether it moved (1) or only gained/lost other locations (0)."""
+    first = locations[0]
+    out = {**meta, LOCATIONS_KEY: locations, "folder": first["folder"]}
+    if meta.get("source") == first["source"]:
+        return {"metadata": out}, 0
+    out["source"] = first["source"]
+    path = Path(first["source"])
+    try:
+        out["mtime"] = os.stat(path).st_mtime
+    except OSError:
+        pass
+    return {"metadata": out, "page_content": caption_of(path) or display_path(path.name)}, 1

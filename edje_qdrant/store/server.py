@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -54,6 +55,59 @@ _INDEXES = {
 }
 
 
+@dataclass(frozen=True)
+class CollectionOptions:
+    """Layout of a collection created on a Qdrant server (None = the server's default).
+
+    Applied only when edje-qdrant creates the collection: Qdrant fixes the shard count at creation, so an
+    existing collection keeps its layout (a warning says so when options were given).
+    """
+
+    shards: int | None = None  # shard_number: spread the points over this many shards (nodes)
+    replication: int | None = None  # replication_factor: copies of each shard
+    on_disk_payload: bool | None = None  # keep payloads (the token blobs) on disk, read when asked for
+    on_disk_vectors: bool | None = None  # memory-map the `clip` vectors instead of holding them in RAM
+    on_disk_index: bool | None = None  # keep the HNSW graph on disk
+    quantization: str | None = None  # "int8": a scalar-quantized copy of the `clip` vectors pinned in RAM
+
+    def __post_init__(self) -> None:
+        for field in ("shards", "replication"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"collection option {field} must be a positive integer, got {value!r}")
+        if self.quantization not in (None, "int8"):
+            raise InputError(f"collection option quantization must be 'int8' or None, got {self.quantization!r}")
+
+    def is_default(self) -> bool:
+        return all(v is None for v in asdict(self).values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def create_collection_args(spec: CollectionSpec, options: CollectionOptions | None,
+                           use_metadata: bool = True) -> dict[str, Any]:
+    """Keyword arguments of ``QdrantClient.create_collection`` for an edje collection laid out by ``options``."""
+    o = options or CollectionOptions()
+    args: dict[str, Any] = {
+        "vectors_config": {VECTOR_NAME: models.VectorParams(size=spec.dim, distance=models.Distance.COSINE,
+                                                            on_disk=o.on_disk_vectors)},
+        "metadata": {SPEC_KEY: spec.to_dict()} if use_metadata else None,
+    }
+    if o.shards is not None:
+        args["shard_number"] = o.shards
+    if o.replication is not None:
+        args["replication_factor"] = o.replication
+    if o.on_disk_payload is not None:
+        args["on_disk_payload"] = o.on_disk_payload
+    if o.on_disk_index is not None:
+        args["hnsw_config"] = models.HnswConfigDiff(on_disk=o.on_disk_index)
+    if o.quantization == "int8":
+        args["quantization_config"] = models.ScalarQuantization(
+            scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True))
+    return args
+
+
 class ClientStore:
     """The ``Store`` protocol on a ``QdrantClient`` (remote server or local mode)."""
 
@@ -68,8 +122,10 @@ class ClientStore:
         batch_size: int = 64,
         batch_bytes: int = 3 * 1024 * 1024,
         spec_record: str = "auto",
+        collection_options: CollectionOptions | None = None,
     ) -> None:
-        """``url`` only labels messages; ``spec_record`` is "auto", "metadata" or "point" (tests force "point")."""
+        """``url`` only labels messages; ``spec_record`` is "auto", "metadata" or "point" (tests force "point");
+        ``collection_options`` lay out the collections this store creates (shards, replicas, on-disk parts)."""
         if spec_record not in ("auto", "metadata", "point"):
             raise InputError(f"spec_record must be 'auto', 'metadata' or 'point', got {spec_record!r}")
         self.client = client
@@ -81,6 +137,7 @@ class ClientStore:
         self.batch_size = max(1, int(batch_size))
         self.batch_bytes = max(1, int(batch_bytes))
         self._spec_record = spec_record
+        self.collection_options = collection_options or CollectionOptions()
         self._specs: dict[str, tuple[CollectionSpec, bool]] = {}  # name -> (spec, stored as reserved point)
         self._mutex = threading.RLock()
         # Local mode is plain Python over dicts/sqlite: serialise calls.  Remote calls run in parallel.
@@ -147,6 +204,9 @@ class ClientStore:
             if found is not None:
                 verify_spec(name, f"Qdrant {self.where}", found[0], spec)
                 self._specs[name] = found
+                if not self.collection_options.is_default():
+                    log.warning("collection %r on Qdrant %s exists: it keeps its layout (shards, replicas and "
+                                "on-disk options apply only when a collection is created)", name, self.where)
                 return
             if not create:
                 raise self._missing(name)
@@ -166,8 +226,7 @@ class ClientStore:
             f"creating collection {name!r}",
             self.client.create_collection,
             name,
-            vectors_config={VECTOR_NAME: models.VectorParams(size=spec.dim, distance=models.Distance.COSINE)},
-            metadata={SPEC_KEY: spec.to_dict()} if use_metadata else None,
+            **create_collection_args(spec, self.collection_options, use_metadata),
         )
         if use_metadata:
             info = self._call(f"reading collection {name!r}", self.client.get_collection, name)
@@ -309,6 +368,34 @@ class ClientStore:
         """Unknown for a server (and for local mode)."""
         self._spec(name)
         return None
+
+    def collection_layout(self, name: str) -> dict[str, Any]:
+        """Shards, replicas and on-disk options as the server reports them (None: not reported, server default)."""
+        self._spec(name)
+        info = self._call(f"reading collection {name!r}", self.client.get_collection, name)
+        params = info.config.params
+        vectors = params.vectors.get(VECTOR_NAME) if isinstance(params.vectors, dict) else None
+        hnsw = getattr(info.config, "hnsw_config", None)
+        quant = getattr(info.config, "quantization_config", None)
+        scalar = getattr(quant, "scalar", None)
+        return {
+            "shards": params.shard_number,
+            "replication": params.replication_factor,
+            "on_disk_payload": params.on_disk_payload,
+            "on_disk_vectors": getattr(vectors, "on_disk", None),
+            "on_disk_index": getattr(hnsw, "on_disk", None),
+            "quantization": "int8" if scalar is not None and scalar.type == models.ScalarType.INT8 else
+            (type(quant).__name__ if quant is not None else None),
+        }
+
+    def connection(self) -> dict[str, Any] | None:
+        """``QdrantClient`` keyword arguments that reach the same server from another process (ingest workers);
+        None in local mode, which only this process can use. Holds the API key: never log it."""
+        if self.local:
+            return None
+        opts = dict(getattr(self.client, "init_options", {}) or {})
+        keep = ("url", "host", "port", "grpc_port", "prefer_grpc", "https", "api_key", "prefix", "timeout")
+        return {k: opts[k] for k in keep if opts.get(k) is not None}
 
     def close(self) -> None:
         try:

@@ -1,0 +1,480 @@
+"""Ingest on a Ray cluster: the hashing and the vision tower + adapter spread over a Ray Data pool.
+
+Phases (the same rules as the single-process ``pipeline``, so ids, vectors and payloads are the same):
+  driver       walks the folder (listing only)
+  Ray tasks    hash the files (the ids: UUIDv5 of the sha256), in walk order
+  driver       drops duplicates and asks the store which ids exist, *before* anything is decoded
+  Ray actors   read, decode, preprocess, run the vision tower + adapter in batches (``workers`` actors, each
+               with ``gpus_per_worker`` GPUs), encode the tokens; then either upsert the points themselves
+               (a Qdrant server: every actor has its own client) or hand them back to the driver, the one
+               writer of a single-process store (Qdrant Edge, qdrant-client local mode)
+Every upsert is durable when it returns and point ids come from the content, so a killed actor (Ray restarts
+it and retries its batch) or a killed driver loses at most the batches in flight, which a re-run redoes.
+Ray is an optional extra: ``pip install 'edje-qdrant[ray]'``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..codec import TOKENS_KEY, codec_name, encode_tokens
+from ..errors import CodecError, InputError
+from ..store.base import CollectionSpec, PointRecord
+from .decode import DEFAULT_MAX_PIXELS, UnusableFile, register_plugins
+from .ids import point_id
+from .pipeline import (
+    DEFAULT_FILE_TIMEOUT,
+    caption_of,
+    MODEL_KEY,
+    IngestReport,
+    _ErrorLog,
+    _guarded,
+    _hash_item,
+    _prepare,
+    _Prepared,
+    _settings,
+    _Settings,
+)
+from .pool import HASH_PRIORITY, TaskPool
+from .sync import LOCATIONS_KEY, Unreadable, sync_collection
+from .walk import WalkError, WalkItem, display_path, walk_images
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'edje-qdrant[ray]' (from a checkout: pip install -e \".[ray]\")"
+_CHECK_CHUNK = 1024  # ids per store.existing_ids call
+_HASH_BATCH = 64  # files per hashing task
+
+
+class RayUnavailableError(InputError):
+    """``executor="ray"`` without Ray installed."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide the Ray executor runs.
+
+    ``address``: None starts a local Ray instance (or joins the one ``RAY_ADDRESS`` names, or the one this process
+    already started); "auto" joins the cluster running on this machine; "HOST:PORT" or "ray://HOST:10001" a remote
+    one. ``workers`` actors embed images, each holding the model once, with ``cpus_per_worker`` CPUs (its torch
+    threads) and ``gpus_per_worker`` GPUs (a fraction shares a GPU). ``decode_threads`` decode inside each actor.
+    ``direct_writes``: None = actors write to the store themselves when it is a Qdrant server, else through the
+    driver; False forces the driver. ``on_batch`` is called on the driver after each batch is stored.
+    """
+
+    address: str | None = None
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    decode_threads: int = 2
+    direct_writes: bool | None = None
+    on_batch: Callable[[IngestReport], None] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise InputError(f"Ray workers must be a positive integer, got {self.workers!r}")
+        if isinstance(self.decode_threads, bool) or not isinstance(self.decode_threads, int) or self.decode_threads < 1:
+            raise InputError(f"decode_threads must be a positive integer, got {self.decode_threads!r}")
+        if not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
+            raise InputError(f"cpus_per_worker must be a positive number, got {self.cpus_per_worker!r}")
+        if not isinstance(self.gpus_per_worker, (int, float)) or self.gpus_per_worker < 0:
+            raise InputError(f"gpus_per_worker must be 0 or more, got {self.gpus_per_worker!r}")
+
+
+def import_ray() -> Any:
+    """The ``ray`` module with Ray Data, or RayUnavailableError with the install command."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the extra installs ray[data]; plain `ray` lacks pyarrow/pandas)
+    except ImportError as exc:
+        raise RayUnavailableError(f"distributed ingest needs Ray (Ray Data), which is not installed ({exc}); "
+                                  f"install it with: {INSTALL_HINT}") from None
+    return ray
+
+
+def ingest_on_ray(
+    folder: str | os.PathLike[str],
+    store: Any,
+    model: Any,
+    collection: str = "images",
+    *,
+    dtype: str = "fp16",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    errors_file: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    file_timeout: float = DEFAULT_FILE_TIMEOUT,
+    prune: bool = True,
+    options: RayOptions | None = None,
+) -> IngestReport:
+    """``ingest`` with the work spread over Ray (see the module docstring); same report, same errors file.
+
+    ``workers`` here means decode threads inside each actor (as in the local pipeline); the number of actors
+    is ``options.workers``. The collection is synced with the folder afterwards exactly as ``ingest`` does.
+    """
+    opts = options or RayOptions()
+    ray = import_ray()
+    threads = workers if workers is not None else opts.decode_threads
+    settings = _settings(folder, model, collection, dtype, batch_size, threads, max_pixels, file_timeout)
+    spec = CollectionSpec(
+        dim=int(model.clip_dim),
+        model=str(model.name),
+        fingerprint=str(model.fingerprint),
+        codec=codec_name(dtype, (int(model.num_tokens), int(model.token_dim))),
+    )
+    connection = _worker_connection(store, opts)
+    report = IngestReport()
+    errors = _ErrorLog(errors_file, report)
+    started_ray = False
+    try:
+        store.open_collection(collection, spec)  # refuses a mismatched model before anything is written
+        started_ray = _connect(ray, opts)
+        return _RayRun(ray, settings, spec, store, model, report, errors, opts, connection, progress,
+                       prune).execute()
+    finally:
+        errors.close()
+        if started_ray:
+            ray.shutdown()
+
+
+def _worker_connection(store: Any, opts: RayOptions) -> dict[str, Any] | None:
+    """Client arguments for actors that write themselves, or None when the driver is the one writer."""
+    if opts.direct_writes is False:
+        return None
+    connect = getattr(store, "connection", None)
+    conn = connect() if callable(connect) else None
+    if opts.direct_writes and conn is None:
+        raise InputError("direct_writes needs a Qdrant server store (--url); the embedded store and qdrant-client "
+                         "local mode are single-process, so points go through the driver")
+    return conn
+
+
+def _connect(ray: Any, opts: RayOptions) -> bool:
+    """Join or start Ray; True when this call started it (and so shuts it down at the end)."""
+    if ray.is_initialized():
+        return False
+    local = opts.address is None and not os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"address": opts.address, "logging_level": logging.WARNING, "log_to_driver": False}
+    if local:  # a private instance on this machine: no dashboard, loopback only
+        kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise InputError(f"cannot join the Ray cluster at {opts.address or os.environ.get('RAY_ADDRESS')!r}: {exc}; "
+                         "start it with `ray start --head` or pass its address to --ray") from None
+    return True
+
+
+def _model_for_workers(model: Any) -> Any:
+    """The model without its text tower (ingest does not need it), on the CPU so any node can load it."""
+    worker_model = replace(model, text=None)
+    for part in (worker_model.vision, worker_model.reranker):
+        params = list(getattr(part, "parameters", lambda: [])())
+        if any(p.device.type != "cpu" for p in params):
+            import copy
+
+            worker_model = replace(worker_model, vision=copy.deepcopy(model.vision).cpu(),
+                                   reranker=copy.deepcopy(model.reranker).cpu())
+            break
+    import torch
+
+    worker_model.device = torch.device("cpu")
+    return worker_model
+
+
+# -------------------------------------------------------------------------------------------- Ray-side work
+
+_pools: dict[str, TaskPool] = {}
+
+
+def _pool(name: str, threads: int) -> TaskPool:
+    """One thread pool per worker process (decoders that hang are abandoned after the per-file limit)."""
+    if name not in _pools:
+        _pools[name] = TaskPool(threads, name=f"edje-ray-{name}")
+    return _pools[name]
+
+
+def _hash_batch(batch: dict[str, np.ndarray], file_timeout: float) -> dict[str, np.ndarray]:
+    """Ray task: sha256 of each file, or why it cannot be read."""
+    pool = _pool("hash", 2)
+    items = [WalkItem(Path(os.fsdecode(bytes(p))), str(f)) for p, f in zip(batch["path"], batch["folder"])]
+    tasks = [pool.submit(_guarded, _hash_item, it, priority=HASH_PRIORITY) for it in items]
+    sha, reason, kind, etype = [], [], [], []
+    for task in tasks:
+        try:
+            sha.append(pool.wait(task, file_timeout))
+            reason.append(""), kind.append(""), etype.append("")
+        except UnusableFile as exc:
+            sha.append(""), reason.append(exc.reason), kind.append(exc.kind), etype.append(exc.error_type)
+    return {"path": batch["path"], "folder": batch["folder"], "sha": np.array(sha, dtype=object),
+            "reason": np.array(reason, dtype=object), "kind": np.array(kind, dtype=object),
+            "error_type": np.array(etype, dtype=object)}
+
+
+class EmbedWorker:
+    """Ray actor: file -> decoded pixels -> vision tower + adapter -> point; writes it or returns it."""
+
+    def __init__(self, model_ref: Any, settings: _Settings, fingerprint: str,
+                 connection: dict[str, Any] | None, spec: CollectionSpec) -> None:
+        import ray
+        import torch
+
+        ref = model_ref[0] if isinstance(model_ref, list) else model_ref
+        model = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+        if device.type != "cpu":
+            model.vision.to(device)
+            model.reranker.to(device)
+            model.device = device
+        self.model = model
+        self.s = settings
+        self.fingerprint = fingerprint
+        self.sink = None
+        if connection is not None:
+            from qdrant_client import QdrantClient
+
+            from ..store.server import ClientStore
+
+            self.sink = ClientStore(QdrantClient(**connection), url=connection.get("url") or connection.get("host"))
+            self.sink.open_collection(settings.collection, spec, create=False)
+        register_plugins()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pool = _pool("decode", self.s.workers)
+        items = [WalkItem(Path(os.fsdecode(bytes(p))), str(f)) for p, f in zip(batch["path"], batch["folder"])]
+        tasks = [pool.submit(_guarded, _prepare, it, self.model, self.s) for it in items]
+        rows: list[tuple[str, str, bytes, bytes]] = []  # (outcome, id, path, body)
+        prepared: dict[str, _Prepared] = {}
+        for item, task in zip(items, tasks):
+            try:
+                p = pool.wait(task, self.s.file_timeout)
+            except UnusableFile as exc:
+                rows.append(("failed", "", os.fsencode(item.path), _failure(exc.reason, exc.error_type, exc.kind)))
+                continue
+            if p.id in prepared:  # content changed between hashing and decoding can make two ids meet
+                rows.append(("duplicate", p.id, os.fsencode(item.path), b""))
+            else:
+                prepared[p.id] = p
+        points: list[PointRecord] = []
+        if prepared:
+            todo = list(prepared.values())
+            vectors, tokens = self.model.embed_images(np.stack([p.pixels for p in todo]))
+            for p, vec, tok in zip(todo, vectors, tokens):
+                point = _point(p, vec, tok, self.s.dtype, self.fingerprint)
+                if isinstance(point, tuple):
+                    rows.append(("failed", p.id, os.fsencode(p.metadata["source"]), _failure(*point)))
+                else:
+                    points.append(point)
+        if points and self.sink is not None:
+            self.sink.upsert(self.s.collection, points)  # durable when it returns (wait=True)
+            rows.extend(("written", p.id, b"", b"") for p in points)
+        else:
+            rows.extend(("point", p.id, b"", pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)) for p in points)
+        return {
+            "outcome": np.array([r[0] for r in rows], dtype=object),
+            "id": np.array([r[1] for r in rows], dtype=object),
+            "path": np.array([r[2] for r in rows], dtype=object),
+            "body": np.array([r[3] for r in rows], dtype=object),
+        }
+
+
+def _failure(reason: str, error_type: str, kind: str) -> bytes:
+    return pickle.dumps((reason, error_type, kind))
+
+
+def _point(p: _Prepared, vec: np.ndarray, tok: np.ndarray, dtype: str,
+           fingerprint: str) -> PointRecord | tuple[str, str, str]:
+    """The point of one embedded image, or (reason, error_type, kind) when its embedding is unusable."""
+    if not np.isfinite(vec).all() or not np.any(vec):
+        return "the model produced a non-finite or all-zero embedding", "BadEmbedding", "model"
+    try:
+        blob = encode_tokens(tok, dtype)
+    except CodecError as exc:
+        return f"cannot encode the image tokens: {exc}", type(exc).__name__, "model"
+    payload = {"page_content": p.page_content, "metadata": p.metadata, TOKENS_KEY: blob, MODEL_KEY: fingerprint}
+    return PointRecord(id=p.id, vector=[float(x) for x in vec], payload=payload)
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+class _RayRun:
+    def __init__(self, ray: Any, s: _Settings, spec: CollectionSpec, store: Any, model: Any, report: IngestReport,
+                 errors: _ErrorLog, opts: RayOptions, connection: dict[str, Any] | None, progress: bool,
+                 prune: bool = True) -> None:
+        self.ray = ray
+        self.s = s
+        self.spec = spec
+        self.store = store
+        self.model = model
+        self.report = report
+        self.errors = errors
+        self.opts = opts
+        self.connection = connection
+        self.bar: Any = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="ingest (ray)", unit="img", dynamic_ncols=True)
+        self.written: set[str] = set()
+        self.pending: list[PointRecord] = []
+        self.prune = prune
+        self.found: dict[str, list[dict[str, str]]] = {}  # point id -> where this walk met its content
+        self.unreadable = Unreadable()
+
+    def execute(self) -> IngestReport:
+        t0 = time.monotonic()
+        ctx = self.ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        try:
+            todo = self._hash_and_check()
+            if todo:
+                self._embed(todo)
+            self._write()
+            sync_collection(self.store, self.s.collection, self.s.root, self.found, self.unreadable, self.prune,
+                            self.report, caption_of)
+        except BaseException as exc:
+            self._finish(t0)
+            if isinstance(exc, KeyboardInterrupt):
+                self.report.interrupted = True
+                exc.ingest_report = self.report  # type: ignore[attr-defined]
+                log.info("ingest interrupted after %d new, %d already stored, %d failed; re-run to resume",
+                         self.report.ingested, self.report.skipped_existing, self.report.failed)
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        self._finish(t0)
+        r = self.report
+        log.info("ingest on Ray %s: %d new, %d already stored, %d duplicates, %d failed in %.1f s (%.1f img/s)",
+                 display_path(self.s.root), r.ingested, r.skipped_existing, r.duplicates, r.failed, r.seconds,
+                 r.images_per_s)
+        return r
+
+    def _finish(self, t0: float) -> None:
+        self.report.seconds = round(time.monotonic() - t0, 3)
+        self.report.images_per_s = round(self.report.ingested / self.report.seconds, 2) if self.report.seconds else 0.0
+
+    def _tick(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    # -- phase 1: list, hash (Ray tasks), drop duplicates and what the store holds
+    def _hash_and_check(self) -> list[dict[str, Any]]:
+        listing: list[dict[str, Any]] = []
+        for ev in walk_images(self.s.root):
+            if isinstance(ev, WalkError):
+                self.unreadable.folders.append(display_path(ev.path))  # it, and anything under it
+                self.errors.add(ev.path, ev.reason, ev.error_type, "walk")
+                self._tick()
+            else:
+                listing.append({"path": os.fsencode(ev.path), "folder": ev.folder})
+        if not listing:
+            return []
+        ctx = self.ray.data.DataContext.get_current()
+        keep_order = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True  # duplicates: the first path in walk order names the point
+        try:
+            ds = self.ray.data.from_items(listing, override_num_blocks=max(1, len(listing) // _HASH_BATCH))
+            hashed = ds.map_batches(_hash_batch, fn_kwargs={"file_timeout": self.s.file_timeout},
+                                    batch_size=_HASH_BATCH, batch_format="numpy", num_cpus=1)
+            todo: list[dict[str, Any]] = []
+            chunk: dict[str, dict[str, Any]] = {}
+            seen: set[str] = set()
+            for row in hashed.iter_rows():
+                path = Path(os.fsdecode(bytes(row["path"])))
+                if not row["sha"]:
+                    self.unreadable.files.add(display_path(path))
+                    self.errors.add(path, str(row["reason"]), str(row["error_type"]), str(row["kind"]))
+                    self._tick()
+                    continue
+                pid = point_id(str(row["sha"]))
+                self.found.setdefault(pid, []).append({"source": display_path(path), "folder": str(row["folder"])})
+                if pid in seen or pid in chunk:
+                    self.report.duplicates += 1
+                    self._tick()
+                    continue
+                chunk[pid] = {"path": bytes(row["path"]), "folder": str(row["folder"])}
+                if len(chunk) >= _CHECK_CHUNK:
+                    todo.extend(self._check(chunk, seen))
+                    chunk = {}
+            todo.extend(self._check(chunk, seen))
+            return todo
+        finally:
+            ctx.execution_options.preserve_order = keep_order
+
+    def _check(self, chunk: dict[str, dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
+        if not chunk:
+            return []
+        existing = self.store.existing_ids(self.s.collection, list(chunk))
+        todo = []
+        for pid, item in chunk.items():
+            seen.add(pid)
+            if pid in existing:
+                self.report.skipped_existing += 1
+                self._tick()
+            else:
+                todo.append(item)
+        return todo
+
+    # -- phase 2: decode + embed on the actor pool; write (actors or here)
+    def _embed(self, todo: list[dict[str, Any]]) -> None:
+        model_ref = self.ray.put(_model_for_workers(self.model))
+        bs = self.s.batch_size
+        blocks = max(1, -(-len(todo) // bs))
+        ds = self.ray.data.from_items(todo, override_num_blocks=blocks)
+        embedded = ds.map_batches(
+            EmbedWorker,
+            fn_constructor_kwargs={"model_ref": [model_ref], "settings": self.s, "fingerprint": self.spec.fingerprint,
+                                   "connection": self.connection, "spec": self.spec},
+            batch_size=bs,
+            batch_format="numpy",
+            compute=self.ray.data.ActorPoolStrategy(size=min(self.opts.workers, blocks)),
+            num_cpus=self.opts.cpus_per_worker,
+            num_gpus=self.opts.gpus_per_worker or None,
+        )
+        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            for outcome, pid, path, body in zip(batch["outcome"], batch["id"], batch["path"], batch["body"]):
+                self._take(str(outcome), str(pid), bytes(path), bytes(body))
+            if len(self.pending) >= bs:
+                self._write()
+            elif self.connection is not None and self.opts.on_batch is not None:
+                self.opts.on_batch(self.report)
+
+    def _take(self, outcome: str, pid: str, path: bytes, body: bytes) -> None:
+        if outcome == "failed":
+            reason, error_type, kind = pickle.loads(body)
+            self.unreadable.files.add(display_path(Path(os.fsdecode(path))))
+            self.errors.add(Path(os.fsdecode(path)), reason, error_type, kind)
+            self._tick()
+        elif outcome == "duplicate" or pid in self.written:
+            self.report.duplicates += 1
+            self._tick()
+        elif outcome == "written":
+            self.written.add(pid)
+            self.report.ingested += 1
+            self._tick()
+        else:  # "point": the driver writes it
+            self.written.add(pid)
+            point = pickle.loads(body)
+            self.found.setdefault(point.id, list(point.payload["metadata"][LOCATIONS_KEY]))  # changed after hashing
+            self.pending.append(point)
+
+    def _write(self) -> None:
+        if not self.pending:
+            return
+        points, self.pending = self.pending, []
+        self.store.upsert(self.s.collection, points)
+        self.report.ingested += len(points)
+        self._tick(len(points))
+        if self.opts.on_batch is not None:
+            self.opts.on_batch(self.report)
+
