@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 import _common as C
-from edje_qdrant.codec import TOKENS_KEY, codec_name, decode_batch, encode_tokens
+from edje_qdrant.codec import codec_name, decode_batch, encode_tokens
+from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.models.base import EdjeModel
 from edje_qdrant.retriever import RESULT_PAYLOAD_KEYS, Retriever
 from edje_qdrant.store import EdgeStore

@@ -15,8 +15,8 @@ import numpy as np
 import pybase64
 
 from .errors import CodecError
+from .rules import TOKENS_KEY
 
-TOKENS_KEY = "edje_tokens"
 CODEC_VERSION = 1
 DTYPES = ("fp16", "int8")
 MAX_TOKENS = 4096

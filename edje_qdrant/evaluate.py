@@ -30,11 +30,12 @@ import numpy as np
 
 from .errors import InputError
 from .ingest import ingest
-from .ingest.ids import point_id, sha256_file
+from .ingest.ids import sha256_file
 from .metrics import RECALL_KS, recalls
 from .models import load_model
 from .models.base import EdjeModel
 from .retriever import Retriever
+from .rules import point_id
 from .store import open_store
 from .train.data import caption_set, read_captions
 

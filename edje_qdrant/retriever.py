@@ -11,7 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .codec import TOKENS_KEY, decode_batch, decode_tokens
+from .codec import decode_batch, decode_tokens
+
+from .rules import TOKENS_KEY
 from .errors import InputError, ModelMismatchError, StoreError
 from .models import load_model
 from .models.base import EdjeModel
@@ -279,7 +281,8 @@ def _query_image(image: Any, vision: Any) -> tuple[Any, str | None]:
     from PIL import Image
 
     from .ingest.decode import UnusableFile, decode_image, draft_size_for, read_file
-    from .ingest.ids import point_id, sha256_bytes
+    from .ingest.ids import sha256_bytes
+    from .rules import point_id
 
     if isinstance(image, Image.Image):
         return (image if image.mode == "RGB" else image.convert("RGB")), None

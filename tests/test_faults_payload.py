@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edje_qdrant.codec import MAX_BLOB_CHARS, TOKENS_KEY, decode_batch, decode_tokens, encode_tokens
+from edje_qdrant.codec import MAX_BLOB_CHARS, decode_batch, decode_tokens, encode_tokens
+
+from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import CodecError
 from edje_qdrant.ingest import ingest
 from edje_qdrant.retriever import Retriever

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import imagegen as g
-from edje_qdrant.codec import TOKENS_KEY, decode_tokens
+from edje_qdrant.codec import decode_tokens
+from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import InputError, ModelMismatchError
 from edje_qdrant.ingest import IngestReport, ingest, point_id
 from edje_qdrant.ingest.decode import decode_image

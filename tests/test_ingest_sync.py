@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import imagegen as g
-from edje_qdrant.codec import TOKENS_KEY
+from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import InputError
 from edje_qdrant.ingest import ingest, point_id
 from edje_qdrant.ingest.sync import Unreadable, relocate, under

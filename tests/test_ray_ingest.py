@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import imagegen as g
-from edje_qdrant.codec import TOKENS_KEY, decode_tokens
+from edje_qdrant.codec import decode_tokens
+from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import InputError
 from edje_qdrant.ingest import ingest, point_id
 from edje_qdrant.store import open_store

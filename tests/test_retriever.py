@@ -6,7 +6,9 @@ import threading
 import numpy as np
 import pytest
 
-from edje_qdrant.codec import TOKENS_KEY, decode_tokens
+from edje_qdrant.codec import decode_tokens
+
+from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import InputError, ModelMismatchError, StoreError
 from edje_qdrant.ingest import ingest
 from edje_qdrant.retriever import Retriever

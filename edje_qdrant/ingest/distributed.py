@@ -24,15 +24,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..codec import TOKENS_KEY, codec_name, encode_tokens
+from ..codec import encode_tokens
+
 from ..errors import CodecError, InputError
+from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
 from ..store.base import CollectionSpec, PointRecord
 from .decode import DEFAULT_MAX_PIXELS, UnusableFile, register_plugins
-from .ids import point_id
 from .pipeline import (
     DEFAULT_FILE_TIMEOUT,
     caption_of,
-    MODEL_KEY,
     IngestReport,
     _ErrorLog,
     _guarded,
@@ -43,7 +43,7 @@ from .pipeline import (
     _Settings,
 )
 from .pool import HASH_PRIORITY, TaskPool
-from .sync import LOCATIONS_KEY, Unreadable, sync_collection
+from .sync import Unreadable, sync_collection
 from .walk import WalkError, WalkItem, display_path, walk_images
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,7 @@ def ingest_on_ray(
     ray = import_ray()
     threads = workers if workers is not None else opts.decode_threads
     settings = _settings(folder, model, collection, dtype, batch_size, threads, max_pixels, file_timeout)
-    spec = CollectionSpec(
-        dim=int(model.clip_dim),
-        model=str(model.name),
-        fingerprint=str(model.fingerprint),
-        codec=codec_name(dtype, (int(model.num_tokens), int(model.token_dim))),
-    )
+    spec = collection_spec(model, dtype)
     connection = _worker_connection(store, opts)
     report = IngestReport()
     errors = _ErrorLog(errors_file, report)
@@ -299,7 +294,7 @@ def _point(p: _Prepared, vec: np.ndarray, tok: np.ndarray, dtype: str,
         blob = encode_tokens(tok, dtype)
     except CodecError as exc:
         return f"cannot encode the image tokens: {exc}", type(exc).__name__, "model"
-    payload = {"page_content": p.page_content, "metadata": p.metadata, TOKENS_KEY: blob, MODEL_KEY: fingerprint}
+    payload = point_payload(p.page_content, p.metadata, blob, fingerprint)
     return PointRecord(id=p.id, vector=[float(x) for x in vec], payload=payload)
 
 

@@ -7,21 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 from typing import BinaryIO
 
-# Fixed forever: changing it would orphan every stored point.
-POINT_NAMESPACE = uuid.UUID("6f1c2b0e-5d3a-4e8f-9a47-3b2d8c1e7f05")
-
 _CHUNK = 1 << 20
-
-
-def point_id(sha256_hex: str) -> str:
-    """UUIDv5 string of a lowercase sha256 hex digest."""
-    if len(sha256_hex) != 64 or any(c not in "0123456789abcdef" for c in sha256_hex):
-        raise ValueError(f"expected a lowercase sha256 hex digest, got {sha256_hex!r}")
-    return str(uuid.uuid5(POINT_NAMESPACE, sha256_hex))
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

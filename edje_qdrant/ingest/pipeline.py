@@ -32,9 +32,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ..codec import DTYPES, TOKENS_KEY, codec_name, encode_tokens
+from ..codec import DTYPES, encode_tokens
+
 from ..errors import CodecError, InputError
-from ..store.base import CollectionSpec, PointRecord
+from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
+from ..store.base import PointRecord
 from .decode import (
     DEFAULT_MAX_PIXELS,
     UnusableFile,
@@ -44,15 +46,14 @@ from .decode import (
     read_file,
     register_plugins,
 )
-from .ids import point_id, sha256_bytes, sha256_stream
+from .ids import sha256_bytes, sha256_stream
 from .pool import HASH_PRIORITY, CancelledError, TaskPool
-from .sync import LOCATIONS_KEY, Unreadable, sync_collection
+from .sync import Unreadable, sync_collection
 from .walk import WalkError, WalkItem, display_path, walk_images
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE_TIMEOUT = 60.0
-MODEL_KEY = "edje_model"
 MAX_FAILURES_KEPT = 100  # in the report; the errors file has all of them
 _CAPTION_MAX_BYTES = 64 * 1024
 
@@ -143,12 +144,7 @@ def ingest(
                                  batch_size=batch_size, workers=workers, errors_file=errors_file,
                                  progress=progress, max_pixels=max_pixels, file_timeout=file_timeout, prune=prune)
     settings = _settings(folder, model, collection, dtype, batch_size, workers, max_pixels, file_timeout)
-    spec = CollectionSpec(
-        dim=int(model.clip_dim),
-        model=str(model.name),
-        fingerprint=str(model.fingerprint),
-        codec=codec_name(dtype, (int(model.num_tokens), int(model.token_dim))),
-    )
+    spec = collection_spec(model, dtype)
     report = IngestReport()
     errors = _ErrorLog(errors_file, report)
     try:
@@ -502,12 +498,7 @@ class _Run:
                 self._failed(source, UnusableFile(f"cannot encode the image tokens: {exc}", "model",
                                                   type(exc).__name__))
                 continue
-            payload = {
-                "page_content": p.page_content,
-                "metadata": p.metadata,
-                TOKENS_KEY: blob,
-                MODEL_KEY: str(self.model.fingerprint),
-            }
+            payload = point_payload(p.page_content, p.metadata, blob, str(self.model.fingerprint))
             points.append(PointRecord(id=p.id, vector=[float(x) for x in vec], payload=payload))
             self.found.setdefault(p.id, list(p.metadata[LOCATIONS_KEY]))  # content changed after hashing
         if points:

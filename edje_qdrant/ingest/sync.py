@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..rules import LOCATIONS_KEY
 from .walk import display_path
 
 log = logging.getLogger(__name__)
 
-LOCATIONS_KEY = "locations"
 
 
 def under(path: str, root: str) -> bool:

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import math
 import re
-import uuid
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from edje_qdrant.errors import InputError, ModelMismatchError
 from edje_qdrant.store.base import CollectionSpec
 
-VECTOR_NAME = "clip"
-SPEC_KEY = "edje"  # key of the spec in collection metadata / the reserved point's payload
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -22,22 +19,6 @@ def check_collection_name(name: str) -> str:
             "starting with a letter or digit (e.g. --collection photos)"
         )
     return name
-
-
-def canonical_id(point_id: Any) -> str:
-    """Point ids are UUID strings; returns the canonical lowercase form or raises InputError."""
-    try:
-        return str(uuid.UUID(str(point_id)))
-    except (ValueError, TypeError, AttributeError):
-        raise InputError(f"point id {point_id!r} is not a UUID string (ids are UUIDv5 of the file's sha256)") from None
-
-
-def canonical_ids(ids: Iterable[Any]) -> dict[str, Any]:
-    """Map canonical id -> id as the caller gave it (first occurrence wins)."""
-    out: dict[str, Any] = {}
-    for i in ids:
-        out.setdefault(canonical_id(i), i)
-    return out
 
 
 def check_vector(vector: Sequence[float], dim: int, what: str) -> list[float]:

@@ -24,10 +24,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import qdrant_edge as qe
 
 from edje_qdrant.errors import StoreError, StoreLockedError
+from edje_qdrant.rules import VECTOR_NAME, canonical_id, canonical_ids
 from edje_qdrant.store._common import (
-    VECTOR_NAME,
-    canonical_id,
-    canonical_ids,
     check_collection_name,
     check_limit,
     check_spec,

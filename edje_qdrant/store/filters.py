@@ -16,8 +16,9 @@ import uuid
 from typing import Any, Mapping
 
 from edje_qdrant.errors import InputError
+from edje_qdrant.rules import FILTER_KEYS
 
-ALLOWED_KEYS = ("folder", "taken_after", "taken_before", "camera", "mime")
+ALLOWED_KEYS = FILTER_KEYS
 _MATCH_FIELDS = {
     "folder": ("metadata.folder",),
     "camera": ("metadata.camera", "metadata.camera_model", "metadata.camera_make"),

@@ -21,11 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 from qdrant_client import QdrantClient, models
 
 from edje_qdrant.errors import EdjeError, InputError, StoreError
+from edje_qdrant.rules import SPEC_KEY, VECTOR_NAME, canonical_id, canonical_ids
 from edje_qdrant.store._common import (
-    SPEC_KEY,
-    VECTOR_NAME,
-    canonical_ids,
-    canonical_id,
     check_collection_name,
     check_limit,
     check_spec,
