@@ -78,7 +78,19 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
         )
 
 
-@main.command()
+SEARCH_HELP = """Search the collection for QUERY; prints `score  path` lines (best first).
+
+\b
+Scores (the same names in --json, --html, --grid, the HTTP API and the LangChain/LlamaIndex metadata):
+  score              what the list is sorted by: rerank_score + fusion_weight x first_stage_score
+                     when re-ranked (fusion_weight is the model's: 15.6 for the default preset),
+                     first_stage_score with --rerank-k 0 (or for a hit whose re-ranking failed)
+  first_stage_score  cosine similarity of the ANN search
+  rerank_score       the joint encoder's logit (null when not re-ranked)
+"""
+
+
+@main.command(help=SEARCH_HELP)
 @click.argument("query")
 @store_options
 @model_options(None)
@@ -94,20 +106,18 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
 def search(query: str, store: str, url: str | None, api_key: str | None, collection: str, model: str | None,
            device: str | None, k: int, rerank_k: int, where: tuple[str, ...], as_json: bool,
            html: Path | None, grid: Path | None) -> None:
-    """Search the collection for QUERY; prints `score  path` lines (best first)."""
     from edje_qdrant.retriever import Retriever, check_search_args
 
-    check_search_args(query, k, rerank_k)
+    check_search_args(query, k, rerank_k)  # arguments, store, lock and collection are checked before any model loads
     filter = parse_where(where)
-    target = open_store_from(store, url, api_key)
+    target = open_store_from(store, url, api_key, create=False)
     try:
-        results = Retriever(target, collection, model, device=device).search(
-            query, k=k, rerank_k=rerank_k, filter=filter
-        )
+        retriever = Retriever(target, collection, model, device=device)
+        results = retriever.search(query, k=k, rerank_k=rerank_k, filter=filter)
     finally:
         target.close()
     if html or grid:
-        write_renders(query, results, html, grid)
+        write_renders(query, results, html, grid, fusion_weight=retriever.model.fusion_weight)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results]))
         return
@@ -123,7 +133,7 @@ def info(store: str, url: str | None, api_key: str | None, collection: str, as_j
     """Show the collection: points, model, codec, disk use."""
     from edje_qdrant.errors import StoreError
 
-    target = open_store_from(store, url, api_key)
+    target = open_store_from(store, url, api_key, create=False)
     try:
         spec = target.get_spec(collection)
         if spec is None:
