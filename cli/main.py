@@ -52,6 +52,9 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
     except KeyboardInterrupt:
         click.echo("interrupted before ingesting anything", err=True)
         sys.exit(130)
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no tqdm monitor thread: nothing of ours is left running at interpreter exit
     target = open_store_from(store, url, api_key)
     if errors_file is None and not url:
         errors_file = Path(store) / "ingest-errors.jsonl"
