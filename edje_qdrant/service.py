@@ -1,7 +1,8 @@
 """HTTP API over a Retriever (FastAPI): POST /search, GET /healthz, GET /metrics, OpenAPI at /openapi.json.
 
-Install with ``pip install 'edje-qdrant[service]'`` (from a checkout: ``pip install -e ".[service]"``); run with ``edje-qdrant serve``. Requests are validated
-(4xx with a message naming the field), bodies are capped, and k / rerank_k / query length have service limits.
+Install with ``pip install 'edje-qdrant[service]'`` (from a checkout: ``pip install -e ".[service]"``); run with
+``edje-qdrant serve``. Requests are validated (4xx with a message naming the field), bodies are capped, and k /
+rerank_k / query length have service limits.
 With ``api_keys`` set, /search needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 """
 from __future__ import annotations

