@@ -1,8 +1,8 @@
 """Run every benchmark and print its table; ``--json [PATH]`` also writes one JSON summary (stdout when no PATH).
 
-    python benchmarks/run.py [--quick] [--json [out.json]] [--only split,rerank,search,ingest,storage,blip,ray]
+    python benchmarks/run.py [--quick] [--json [out.json]] [--only split,rerank,search,ingest,storage,blip,sync,ray,cli]
 
-Targets (issues 5 and 11) are checked at the end against the numbers of this run.
+Targets (issues 5, 11 and 12) are checked at the end against the numbers of this run.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-SECTIONS = ("split", "rerank", "search", "ingest", "storage", "blip", "sync", "ray")
+SECTIONS = ("split", "rerank", "search", "ingest", "storage", "blip", "sync", "ray", "cli")
 EXTRA_SECTIONS = ("siglip2",)  # paper-configuration cost row (issue 4): only with --only siglip2 (slow on a CPU)
 
 
@@ -46,6 +46,11 @@ def targets(s: dict[str, Any]) -> list[list[Any]]:
         row("int8 blob (bytes)", v("blob_bytes_int8"), "<= 24,800", (v("blob_bytes_int8") or 1e9) <= 24_800),
         row("Ray ingest, 2 workers vs single process (x, one machine)", v("ray_vs_single_2"), ">= 0.90",
             (v("ray_vs_single_2") or 0) >= 0.90),
+        row("CLI `search`, fresh process, default preset (s p50)", v("cli_search_s_p50"), "<= 3",
+            (v("cli_search_s_p50") or 1e9) <= 3),
+        row("CLI errors before any model loads, worst case (s p50)", v("cli_error_s_p50"), "<= 1",
+            (v("cli_error_s_p50") or 1e9) <= 1),
+        row("CLI --help (s p50)", v("cli_help_s_p50"), "<= 0.5", (v("cli_help_s_p50") or 1e9) <= 0.5),
     ]
 
 
@@ -106,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import bench_ray
 
             results["ray"] = bench_ray.run(args.quick, workdir=args.workdir)
+        elif name == "cli":
+            import bench_cli
+
+            results["cli"] = bench_cli.run(args.quick, workdir=args.workdir)
         elif name == "siglip2":
             import bench_siglip2
 
@@ -146,14 +155,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sync_reingest_overhead_ratio": r.get("sync", {}).get("sync_overhead_ratio"),
         "ray_images_per_s": r.get("ray", {}).get("ray_images_per_s"),
         "ray_vs_single_2": (r.get("ray", {}).get("ray_vs_single") or {}).get("ray_2"),
+        "cli_search_s_p50": r.get("cli", {}).get("search_s_p50"),
+        "cli_error_s_p50": r.get("cli", {}).get("error_s_p50_worst"),
+        "cli_help_s_p50": r.get("cli", {}).get("help_s_p50"),
         "siglip2_cost_ratio": r.get("siglip2", {}).get("siglip2_cost_ratio"),
         "machine": results["machine"],
         "quick": args.quick,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
-    C.table("Targets (issues 5 and 11), this run", ["target", "value", "limit", "met"], targets(summary),
+    C.table("Targets (issues 5, 11, 12 and 14), this run", ["target", "value", "limit", "met"], targets(summary),
             ("quick mode: rerank/search values are at the largest rerank_k measured (30 / 50), 1k points; the Ray "
-             "row needs the full size (its ~10 s start dominates 16 images); " if args.quick else "") + f"total {time.perf_counter() - t_start:.0f} s; sections: " +
+             "row needs the full size (its ~10 s start dominates 16 images); "
+             if args.quick else "") + f"total {time.perf_counter() - t_start:.0f} s; sections: " +
             ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"; load avg now {C.load_average():.2f}")
     if args.json:
         text = json.dumps(summary, indent=2, default=_jsonable)

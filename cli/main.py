@@ -124,6 +124,9 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
     except KeyboardInterrupt:
         click.echo("interrupted before ingesting anything", err=True)
         sys.exit(130)
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no tqdm monitor thread: nothing of ours is left running at interpreter exit
     target = open_store_from(store, url, api_key, collection_options=layout)
     if errors_file is None and not url:
         errors_file = Path(store) / "ingest-errors.jsonl"
@@ -160,7 +163,19 @@ def _ingest_summary(report: Any) -> str:
     return line
 
 
-@main.command()
+SEARCH_HELP = """Search the collection for QUERY text (or --image PHOTO); prints `score  path` lines (best first).
+
+\b
+Scores (the same names in --json, --html, --grid, the HTTP API and the LangChain/LlamaIndex metadata):
+  score              what the list is sorted by: rerank_score + fusion_weight x first_stage_score
+                     when re-ranked (fusion_weight is the model's: 15.6 for the default preset),
+                     first_stage_score with --rerank-k 0 (or for a hit whose re-ranking failed)
+  first_stage_score  cosine similarity of the ANN search
+  rerank_score       the joint encoder's logit (null when not re-ranked)
+"""
+
+
+@main.command(help=SEARCH_HELP)
 @click.argument("query", required=False)
 @click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PHOTO",
               help="Search by a photo instead of text (\"more like this\"): first-stage similarity only; the photo "
@@ -179,18 +194,17 @@ def _ingest_summary(report: Any) -> str:
 def search(query: str | None, image: Path | None, store: str, url: str | None, api_key: str | None,
            collection: str, model: str | None, device: str | None, k: int, rerank_k: int, where: tuple[str, ...],
            as_json: bool, html: Path | None, grid: Path | None) -> None:
-    """Search the collection for QUERY text (or --image PHOTO); prints `score  path` lines (best first)."""
     from edje_qdrant.errors import InputError
     from edje_qdrant.retriever import Retriever, check_search_args
 
     if (query is None) == (image is None):
         raise InputError("pass either QUERY text or --image PHOTO (one of them)")
-    if query is not None:
+    if query is not None:  # arguments, store, lock and collection are checked before any model loads
         check_search_args(query, k, rerank_k)
     elif not image.is_file():  # before the model loads
         raise InputError(f"query image {image}: no such file; pass the path of a readable image file (JPEG, PNG, ...)")
     filter = parse_where(where)
-    target = open_store_from(store, url, api_key)
+    target = open_store_from(store, url, api_key, create=False)
     try:
         retriever = Retriever(target, collection, model, device=device)
         if image is not None:
@@ -200,7 +214,8 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
     finally:
         target.close()
     if html or grid:
-        write_renders(query if query is not None else f"like {image.name}", results, html, grid)
+        write_renders(query if query is not None else f"like {image.name}", results, html, grid,
+                      fusion_weight=retriever.model.fusion_weight)
     if not results:
         click.echo("no results", err=True)
     if as_json:
@@ -218,7 +233,7 @@ def info(store: str, url: str | None, api_key: str | None, collection: str, as_j
     """Show the collection: points, model, codec, disk use."""
     from edje_qdrant.errors import StoreError
 
-    target = open_store_from(store, url, api_key)
+    target = open_store_from(store, url, api_key, create=False)
     try:
         spec = target.get_spec(collection)
         if spec is None:

@@ -43,10 +43,18 @@ def model_options(default_model: str | None) -> Callable[[Callable[..., Any]], C
     return wrap
 
 
-def open_store_from(store: str, url: str | None, api_key: str | None, collection_options: Any = None) -> Any:
+def open_store_from(store: str, url: str | None, api_key: str | None, *, create: bool = True,
+                    collection_options: Any = None) -> Any:
+    """The store the options name; ``create=False`` for read-only commands (a missing store is an error)."""
     from edje_qdrant.store import open_store
 
-    return open_store(path=None if url else store, url=url, api_key=api_key, collection_options=collection_options)
+    return open_store(path=None if url else store, url=url, api_key=api_key, create=create,
+                      collection_options=collection_options)
+
+
+def extra_hint(extra: str) -> str:
+    """The two install commands of an optional extra: from PyPI, and from a checkout of the repository."""
+    return f"pip install 'edje-qdrant[{extra}]' (from a checkout: pip install -e \".[{extra}]\")"
 
 
 def library_errors(func: Callable[..., Any]) -> Callable[..., Any]:

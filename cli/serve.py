@@ -7,7 +7,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from .options import library_errors, model_options, open_store_from, store_options
+from .options import extra_hint, library_errors, model_options, open_store_from, store_options
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -40,11 +40,11 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
 
         from edje_qdrant.service import ServiceLimits, create_app
     except ImportError as exc:
-        raise click.ClickException(f"{exc}. The service needs: pip install 'edje-qdrant[service]'") from None
+        raise click.ClickException(f"{exc}. The service needs the `service` extra: {extra_hint('service')}") from None
     from edje_qdrant.retriever import Retriever
 
     def factory() -> Retriever:
-        target = open_store_from(store, url, api_key)
+        target = open_store_from(store, url, api_key, create=False)
         try:
             return Retriever(target, collection, model, device=device)
         except BaseException:

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from edje_qdrant.errors import InputError
+from edje_qdrant.scores import infer_fusion_weight, score_formula
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,20 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 # --------------------------------------------------------------------------- HTML
 
 
+def _legend(rows: list[dict[str, Any]], fusion_weight: float | None) -> str:
+    """How ``score`` is formed, for the page/sheet (the weight inferred from the rows when not given)."""
+    if fusion_weight is None:
+        fusion_weight = infer_fusion_weight((r["score"], r["first"], r["rerank"]) for r in rows)
+    if fusion_weight is None and not any(r["rerank"] is not None for r in rows):
+        return "score = first-stage (not re-ranked); results are sorted by score"
+    return score_formula(fusion_weight)
+
+
 def write_html(query: str, results: Sequence[Any], path: str | Path, *, thumb_px: int = 192,
-               title: str | None = None) -> Path:
-    """A self-contained HTML page (thumbnails embedded) with the query and both scores of each result."""
+               title: str | None = None, fusion_weight: float | None = None) -> Path:
+    """A self-contained HTML page (thumbnails embedded) with the query and the three scores of each result.
+
+    ``fusion_weight``: the model's (for the legend); inferred from the results when None."""
     rows, out = _check(results, path)
     esc = html.escape
     cards = []
@@ -174,7 +186,8 @@ figcaption {{ font-size: .85rem; margin-top: .4rem; word-break: break-all; }}
 </style></head><body>
 <h1>{heading}</h1>
 <p>Query: <q class="query">{esc(query)}</q> · {len(rows)} results · {when}.
-<i>score</i> is what the list is sorted by (the rerank logit, or the first-stage cosine when not re-ranked).</p>
+<span class="legend">{esc(_legend(rows, fusion_weight))}</span>
+(first-stage: cosine of the ANN search; rerank: the joint encoder's logit).</p>
 <div class="grid">
 {chr(10).join(cards)}
 </div></body></html>
@@ -187,20 +200,23 @@ figcaption {{ font-size: .85rem; margin-top: .4rem; word-break: break-all; }}
 
 
 def write_grid(query: str, results: Sequence[Any], path: str | Path, *, columns: int = 5,
-               thumb_px: int = 192) -> Path:
-    """A PNG contact sheet: the query on top, then each result's thumbnail, rank, scores and file name."""
+               thumb_px: int = 192, fusion_weight: float | None = None) -> Path:
+    """A PNG contact sheet: the query and the score legend on top, then each result's thumbnail, rank, scores
+    and file name. ``fusion_weight``: as in ``write_html``."""
     rows, out = _check(results, path)
     if columns < 1 or not 32 <= thumb_px <= 1024:
         raise InputError("columns must be >= 1 and thumb_px between 32 and 1024")
     cols = max(1, min(columns, len(rows) or 1))
     pad, text_h = 10, 58
     cell_w, cell_h = thumb_px + 2 * pad, thumb_px + text_h + 2 * pad
-    header_h = 44
+    header_h = 62
+    legend = _legend(rows, fusion_weight)
     n_rows = max(1, math.ceil(len(rows) / cols))
     sheet = Image.new("RGB", (cols * cell_w, header_h + n_rows * cell_h), _BG)
     draw = ImageDraw.Draw(sheet)
     big, small = _font(18), _font(13)
     draw.text((pad, 12), _fit(draw, f"query: {query}", big, sheet.width - 2 * pad), fill=_INK, font=big)
+    draw.text((pad, 38), _fit(draw, legend, small, sheet.width - 2 * pad), fill=_MUTED, font=small)
     if not rows:
         draw.text((pad, header_h + pad), "no results", fill=_MUTED, font=small)
     for i, r in enumerate(rows):
@@ -220,7 +236,12 @@ def write_grid(query: str, results: Sequence[Any], path: str | Path, *, columns:
         name = Path(r["path"]).name if r["path"] else r["id"]
         colour = (176, 0, 0) if r["flags"] else _MUTED
         draw.text((x0, ty + 34), _fit(draw, name, small, thumb_px), fill=colour, font=small)
-    sheet.save(out, "PNG")
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()  # the legend and query as text chunks too (readable by tools, and by the tests)
+    info.add_text("query", query)
+    info.add_text("score-legend", legend)
+    sheet.save(out, "PNG", pnginfo=info)
     return out
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -15,10 +16,15 @@ from .codec import decode_batch, decode_tokens
 
 from .rules import TOKENS_KEY
 from .errors import InputError, ModelMismatchError, StoreError
-from .models import load_model
-from .models.base import EdjeModel
+from .scores import fused_score
 from .store import Store, open_store
 from .store.base import CollectionSpec
+
+if TYPE_CHECKING:  # torch and the models load only when a Retriever loads its model (after the store checks)
+    from .models.base import EdjeModel
+
+# What text search uses of a model; a preset may leave the rest (the vision tower) unloaded until first use.
+SEARCH_PARTS = ("text", "reranker")
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +36,10 @@ RESULT_PAYLOAD_KEYS = ["page_content", "metadata"]
 
 @dataclass
 class SearchResult:
-    """One hit, best first. ``score`` is what the list is sorted by: the rerank logit plus the model's
-    ``fusion_weight`` x first-stage score (0 for most models), or the first-stage score when not re-ranked."""
+    """One hit, best first. The three scores mean the same everywhere (CLI, JSON, HTML, HTTP, integrations):
+    ``score`` is what the list is sorted by: ``rerank_score + model.fusion_weight * first_stage_score`` when
+    re-ranked, else ``first_stage_score``; ``first_stage_score`` is the ANN cosine; ``rerank_score`` the joint
+    encoder's logit (None when not re-ranked)."""
 
     id: str
     path: str | None
@@ -84,7 +92,7 @@ class Retriever:
         self,
         store: Store | Any,
         collection: str = "images",
-        model: EdjeModel | str | None = None,
+        model: "EdjeModel | str | None" = None,
         *,
         device: str | None = None,
         micro_batch: bool = False,
@@ -98,7 +106,12 @@ class Retriever:
             raise StoreError(f"collection '{collection}' does not exist; run `edje-qdrant ingest DIR` first")
         if model is None:
             model = spec.model
-        self.model = load_model(model, device=device) if isinstance(model, str) else model
+        if isinstance(model, str):
+            from .models import load_model
+
+            self.model = load_model(model, device=device, parts=SEARCH_PARTS)
+        else:
+            self.model = model
         self._check_model(spec)
         self.store.open_collection(collection, spec, create=False)
         self.spec = spec
@@ -259,7 +272,7 @@ class Retriever:
             for i, logit in zip(good, logits.tolist()):
                 if np.isfinite(logit):
                     results[i].rerank_score = float(logit)
-                    results[i].score = float(logit) + w * results[i].first_stage_score
+                    results[i].score = fused_score(logit, results[i].first_stage_score, w)
                 else:
                     failures[i] = "non-finite rerank score (corrupt token values)"
         clock.lap("rerank")
@@ -342,7 +355,7 @@ class _MicroBatcher:
     model lock it takes every queued request and scores them in one forward (one caption per candidate row).
     Callers that arrive meanwhile wait, and one of them leads the next forward. A lone call runs at once."""
 
-    def __init__(self, model: EdjeModel, model_lock: threading.Lock) -> None:
+    def __init__(self, model: "EdjeModel", model_lock: threading.Lock) -> None:
         self.model = model
         self.model_lock = model_lock
         self.cond = threading.Condition()
@@ -415,10 +428,9 @@ class _Clock:
 
 def _as_store(store: Any) -> Store:
     if isinstance(store, (str, os.PathLike)):
-        return open_store(path=os.fspath(store))
-    from qdrant_client import QdrantClient
-
-    if isinstance(store, QdrantClient):
+        return open_store(path=os.fspath(store), create=False)  # searching never creates a store
+    client_module = sys.modules.get("qdrant_client")  # not imported yet: store cannot be a client (import is slow)
+    if client_module is not None and isinstance(store, client_module.QdrantClient):
         from .store.server import ClientStore
 
         return ClientStore(store)

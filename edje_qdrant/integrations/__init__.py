@@ -16,19 +16,20 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["canonical_id", "rerank_point_ids", "result_metadata", "require"]
 
 def require(module: str, extra: str) -> None:
-    """Import check with the fix in the message (``pip install 'edje-qdrant[extra]'``)."""
+    """Import check with the fix in the message (the PyPI and the from-a-checkout install command)."""
     import importlib
 
     try:
         importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"{module} is not installed; install the optional extra with: pip install 'edje-qdrant[{extra}]'"
+            f"{module} is not installed; install the optional extra `{extra}` with: pip install 'edje-qdrant[{extra}]'"
+            f" (from a checkout of the repository: pip install -e \".[{extra}]\")"
         ) from exc
 
 
 def result_metadata(result: "SearchResult") -> dict[str, Any]:
-    """Image metadata (flat, as stored) plus point id, source path and the three scores."""
+    """Image metadata (flat, as stored) plus point id, source path and the three scores (``edje_qdrant.scores``)."""
     meta: dict[str, Any] = dict(result.metadata)
     meta.update(
         point_id=result.id,

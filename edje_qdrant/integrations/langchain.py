@@ -1,6 +1,6 @@
 """LangChain adapters: a retriever, a re-ranking document compressor and query embeddings.
 
-Install with ``pip install 'edje-qdrant[langchain]'``.
+Install with ``pip install 'edje-qdrant[langchain]'`` (from a checkout: ``pip install -e ".[langchain]"``).
 
 - ``EDJERetriever``: ``invoke(query, k=..., rerank_k=..., filter=...)`` -> Documents, best first.
 - ``EDJEReranker``: re-ranks Documents that another retriever found in the same collection (for instance
@@ -98,7 +98,9 @@ class EDJERetriever(BaseRetriever):
 
 
 class EDJEReranker(BaseDocumentCompressor):
-    """Re-ranks Documents of the same collection by point id; writes ``relevance_score`` in their metadata.
+    """Re-ranks Documents of the same collection by point id; writes the scores in their metadata:
+    ``relevance_score`` and ``score`` (what the output is sorted by), ``first_stage_score`` (the cosine, 0 when
+    the documents carry none) and ``rerank_score`` (the joint encoder's logit); see ``edje_qdrant.scores``.
 
     ``top_n`` keeps the best n (None keeps all). Documents whose point is not in the collection are kept after
     the re-ranked ones, unchanged apart from ``relevance_score = None`` (a warning names them).
@@ -167,8 +169,10 @@ def _point_id(doc: Document, position: int) -> str:
 
 def _with_scores(doc: Document, r: SearchResult) -> Document:
     meta = dict(doc.metadata)
-    meta.update(
-        relevance_score=r.rerank_score,
+    meta.update(  # relevance_score is LangChain's name for what the list is sorted by: our ``score``
+        relevance_score=r.score,
+        score=r.score,
+        first_stage_score=r.first_stage_score,
         rerank_score=r.rerank_score,
         point_id=r.id,
     )

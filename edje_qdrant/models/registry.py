@@ -15,19 +15,25 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models import model_dir
+from edje_qdrant.models import fingerprint_cache
 from edje_qdrant.models.base import EdjeModel
+from edje_qdrant.models.deferred import DeferredTower
 from edje_qdrant.models.device import resolve_device, resolve_precision
 from edje_qdrant.models.model_dir import WEIGHTS_FILE
-from edje_qdrant.models.reranker import RerankerConfig
+
+if TYPE_CHECKING:  # reranker imports transformers (seconds); loaded only by the presets that use it
+    from edje_qdrant.models.reranker import RerankerConfig
 
 log = logging.getLogger(__name__)
+
+ALL_PARTS = frozenset({"vision", "text", "reranker"})
 
 
 
@@ -40,43 +46,68 @@ class PresetSpec:
     directory: Path | None = None  # the local model directory, when loading from one
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # final device (build on CPU)
     precision: str = "fp32"
+    # parts the caller will use ("vision", "text", "reranker"); a factory may defer the others (see load_model)
+    parts: frozenset[str] = ALL_PARTS
 
     @property
-    def reranker_config(self) -> RerankerConfig | None:
+    def reranker_config(self) -> "RerankerConfig | None":
         """The folder's full-joint reranker config (None without one, or for another kind)."""
         section = self.config.get("reranker")
         if not isinstance(section, dict) or section.get("kind", "edje") != "edje":
             return None
+        from edje_qdrant.models.reranker import RerankerConfig
+
         return RerankerConfig.from_dict({k: v for k, v in section.items() if k != "kind"})
 
 
 PresetFactory = Callable[[PresetSpec], EdjeModel]
+SourcesFn = Callable[[PresetSpec], Sequence[Path]]
 _PRESETS: dict[str, PresetFactory] = {}
 _PRESET_DIRS: dict[str, Path] = {}
+_SOURCES: dict[str, SourcesFn] = {}
+# Bundled presets and the module that registers each (imported on first use: each pulls in its own libraries).
+_BUILTIN = {"tiny-random": "tiny", "siglip2-l16-384-edje": "siglip2", "flickr8k-dinov2s-minilm6": "flickr8k_preset"}
 
 
-def register_preset(name: str, factory: PresetFactory, folder: Path | None = None) -> None:
-    """Register ``factory`` under ``name`` (re-registering the same name replaces it). ``folder``: a model folder
-    shipped with the preset; loading the name then loads that folder."""
+def register_preset(name: str, factory: PresetFactory, folder: Path | None = None,
+                    sources: SourcesFn | None = None) -> None:
+    """Register ``factory`` under ``name`` (re-registering the same name replaces it).
+
+    ``folder``: a model folder shipped with the preset; loading the name loads that folder. ``sources(spec)``:
+    the files that fully determine the weights; with it the fingerprint is cached (``fingerprint_cache``), so a
+    factory may defer towers the caller does not need (``PresetSpec.parts``).
+    """
     if not name or "/" in name:
         raise InputError(f"preset name {name!r} must be non-empty and contain no '/'")
     _PRESETS[name] = factory
-    if folder is not None:
-        _PRESET_DIRS[name] = folder
-    else:
-        _PRESET_DIRS.pop(name, None)
+    for table, value in ((_PRESET_DIRS, folder), (_SOURCES, sources)):
+        if value is None:
+            table.pop(name, None)
+        else:
+            table[name] = value
+
+
+def _import_preset_module(mod: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(f"edje_qdrant.models.{mod}")
+    except ImportError as exc:  # a preset module that is absent or whose optional deps are missing
+        if getattr(exc, "name", "") not in (f"edje_qdrant.models.{mod}",):
+            log.debug("preset module %s not available: %s", mod, exc)
 
 
 def _ensure_builtin() -> None:
     """Import the modules that register the bundled presets (each registers itself on import)."""
-    import importlib
+    for mod in dict.fromkeys(_BUILTIN.values()):
+        _import_preset_module(mod)
 
-    for mod in ("tiny", "siglip2", "flickr8k_preset"):
-        try:
-            importlib.import_module(f"edje_qdrant.models.{mod}")
-        except ImportError as exc:  # a preset module that is absent or whose optional deps are missing
-            if getattr(exc, "name", "") not in (f"edje_qdrant.models.{mod}",):
-                log.debug("preset module %s not available: %s", mod, exc)
+
+def _has_preset(name: str) -> bool:
+    """Whether ``name`` is registered, importing only its own bundled module when needed."""
+    if name not in _PRESETS and name in _BUILTIN:
+        _import_preset_module(_BUILTIN[name])
+    return name in _PRESETS
 
 
 def available_presets() -> list[str]:
@@ -145,10 +176,14 @@ def _load_dir_weights(model: EdjeModel, directory: Path, config: dict[str, Any])
         if not state:
             continue
         module = targets[part]
+        base = model.base_weights.get(part, ()) + (("mlm.",) if part == "reranker" else ())
+        if isinstance(module, DeferredTower):  # loads its weights when first built
+            module.after_build(lambda tower, state=state, part=part, base=base:
+                               model_dir.load_part(tower, state, f"{path} ({part})", base))
+            continue
         if not isinstance(module, nn.Module):
             raise ModelError(f"{path}: has {part} weights but the {part} tower of preset {model.name!r} "
                              "takes no weights")
-        base = model.base_weights.get(part, ()) + (("mlm.",) if part == "reranker" else ())
         model_dir.load_part(module, state, f"{path} ({part})", base)
 
 
@@ -159,42 +194,70 @@ def _place(obj: Any, device: torch.device) -> None:
         obj.to(device)
 
 
-def load_model(name_or_path: str, device: str | None = None, precision: str | None = None) -> EdjeModel:
-    """Build a model from a preset name or a local model directory (config.json + weights.safetensors).
+def load_model(name_or_path: str, device: str | None = None, precision: str | None = None, *,
+               parts: Iterable[str] | None = None) -> EdjeModel:
+    """Build a model from a preset name or a local model folder (``model_dir``: config.json + weights).
 
     ``device``: None = cuda when available, else cpu. ``precision``: "fp32", "bf16", "auto" or None (fp32 on the
-    CPU, auto elsewhere; see ``models/device.py``).
+    CPU, auto elsewhere; see ``models/device.py``). ``parts``: the parts the caller uses (e.g. ``("text",
+    "reranker")`` for text search); presets that declare their weight sources then build the others on first use,
+    once their fingerprint is cached.
     """
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    presets = available_presets()
-    path = Path(str(name_or_path)).expanduser()
-    directory: Path | None = None
-    config: dict[str, Any] = {}
-    if name_or_path in _PRESETS:
-        name = str(name_or_path)
-        directory = _PRESET_DIRS.get(name)
-        config = model_dir.read_config(directory, presets) if directory is not None else {}
-    elif path.is_dir():
-        directory, config = path, model_dir.read_config(path, presets)
-        name = config["preset"]
-        if name not in _PRESETS:
-            raise ModelError(f"{path / 'config.json'}: unknown preset {name!r}; available: {presets}")
-    elif path.exists():
-        raise ModelError(f"{path} is a file; pass a model directory (config.json + {WEIGHTS_FILE}) or a preset "
-                         f"name ({presets}). Official checkpoints go through `convert` first")
-    else:
-        raise ModelError(f"unknown model {name_or_path!r}: not a preset ({presets}) and no such directory")
+    wanted = ALL_PARTS if parts is None else frozenset(parts)
+    if not wanted <= ALL_PARTS:
+        raise InputError(f"parts must be among {sorted(ALL_PARTS)}, got {sorted(wanted)}")
+    name, directory, config = _resolve(name_or_path)
     spec = PresetSpec(name=name, config=config, directory=directory, device=dev, precision=prec)
+    named = str(name_or_path) == name  # a preset name (its own folder, if any): the fingerprint may be cached
+    cache_key = _cache_key(spec) if named else None
+    known = fingerprint_cache.get(cache_key) if cache_key else None
+    if known is not None:
+        spec.parts = wanted  # the fingerprint is known: towers nobody asked for may load on first use
     model = _PRESETS[name](spec)
     if directory is not None:
         _load_dir_weights(model, directory, config)
     for part in (model.vision, model.text, model.reranker):
         _place(part, torch.device("cpu"))
-    model.fingerprint = fingerprint(model)
+    if known is not None:
+        model.fingerprint = known
+    else:
+        model.fingerprint = fingerprint(model)
+        if cache_key:
+            fingerprint_cache.put(cache_key, model.fingerprint)
     for part in (model.vision, model.text, model.reranker):
         _place(part, dev)
     model.device = dev
     model.precision = prec
     log.info("loaded model %s (%s) on %s, %s", name, model.fingerprint, dev, prec)
     return model
+
+
+def _cache_key(spec: PresetSpec) -> str | None:
+    sources = _SOURCES.get(spec.name)
+    if sources is None:
+        return None
+    try:
+        return fingerprint_cache.key(spec.name, sources(spec))
+    except ModelError:  # a source is missing: the factory reports it with its own message
+        return None
+
+
+def _resolve(name_or_path: str) -> tuple[str, Path | None, dict[str, Any]]:
+    """(preset name, model folder or None, its config) for a preset name or a model folder path."""
+    if _has_preset(str(name_or_path)):
+        name = str(name_or_path)
+        directory = _PRESET_DIRS.get(name)
+        return name, directory, model_dir.read_config(directory, _PRESETS) if directory is not None else {}
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_dir():
+        config = model_dir.read_config(path, available_presets())
+        if not _has_preset(config["preset"]):
+            raise ModelError(f"{path / 'config.json'}: unknown preset {config['preset']!r}; available: "
+                             f"{available_presets()}")
+        return config["preset"], path, config
+    if path.exists():
+        raise ModelError(f"{path} is a file; pass a model directory (config.json + {WEIGHTS_FILE}) or a preset "
+                         f"name ({available_presets()}). Official checkpoints go through `convert` first")
+    raise ModelError(f"unknown model {name_or_path!r}: not a preset ({available_presets()}) and no such directory")

@@ -38,10 +38,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(path: str | None = None, url: str | None = None, api_key: str | None = None,
-               collection_options: "CollectionOptions | None" = None) -> Store:
+def open_store(path: str | None = None, url: str | None = None, api_key: str | None = None, *,
+               create: bool = True, collection_options: "CollectionOptions | None" = None) -> Store:
     """``url`` -> a Qdrant server over gRPC; ``url=":memory:"`` -> qdrant-client local mode; else Edge at ``path``.
 
+    ``create=False``: an embedded store must already exist (read-only commands create no folder or lock file).
     ``collection_options`` (shards, replicas, on-disk parts) lay out new collections on a server.
     """
     if not url:
@@ -50,7 +51,7 @@ def open_store(path: str | None = None, url: str | None = None, api_key: str | N
 
             raise InputError("shards, replication and on-disk options apply to a Qdrant server: pass --url "
                              "(QDRANT_URL); the embedded store is one local shard")
-        return EdgeStore(path or DEFAULT_PATH)
+        return EdgeStore(path or DEFAULT_PATH, create=create)
     from qdrant_client import QdrantClient
 
     from edje_qdrant.store.server import ClientStore, _strip_credentials

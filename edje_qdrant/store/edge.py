@@ -64,9 +64,13 @@ class _Collection:
 class EdgeStore:
     """The ``Store`` protocol on an embedded Qdrant Edge store at ``path`` (one process at a time)."""
 
-    def __init__(self, path: str | os.PathLike[str] = "./edje-data", *, batch_size: int = 64) -> None:
+    def __init__(self, path: str | os.PathLike[str] = "./edje-data", *, batch_size: int = 64,
+                 create: bool = True) -> None:
+        """``create=False`` (read-only commands): a path that holds no store is an error, and nothing is created."""
         self.path = Path(path).expanduser().absolute()
         self.batch_size = max(1, int(batch_size))
+        if not create:
+            _require_existing_store(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -358,6 +362,21 @@ class EdgeStore:
 
 
 # ---------------------------------------------------------------------- files
+
+
+def _require_existing_store(path: Path) -> None:
+    """StoreError unless ``path`` is a store folder (its lock file or a collection record is there)."""
+    fix = f"run `edje-qdrant ingest DIR --store {path}` first, or pass the --store (EDJE_STORE) you ingested into"
+    if not path.is_dir():
+        raise StoreError(f"no store at {path}: the folder does not exist; {fix}")
+    if (path / LOCK_NAME).is_file():
+        return
+    try:
+        if any((child / SPEC_FILE).is_file() for child in path.iterdir() if child.is_dir()):
+            return
+    except OSError as e:
+        raise StoreError(f"cannot read store folder {path}: {e.strerror}") from e
+    raise StoreError(f"no store at {path}: the folder holds no edje-qdrant collection; {fix}")
 
 
 def _acquire_lock(path: Path) -> int:
