@@ -17,9 +17,9 @@ import torch
 
 import _common as C
 from edje_qdrant.codec import codec_name, decode_batch, encode_tokens
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.rules import RESULT_PAYLOAD_KEYS, TOKENS_KEY
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.retriever import RESULT_PAYLOAD_KEYS, Retriever
+from edje_qdrant.retriever import Retriever
 from edje_qdrant.store import EdgeStore
 from edje_qdrant.store.base import CollectionSpec, PointRecord
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .options import library_errors, model_options, open_store_from, parse_where, store_options
+from .options import library_errors, model_options, open_store_from, store_options
 from .render_options import render_options, write_renders
 from .serve import serve
 
@@ -195,7 +195,8 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
            collection: str, model: str | None, device: str | None, k: int, rerank_k: int, where: tuple[str, ...],
            as_json: bool, html: Path | None, grid: Path | None) -> None:
     from edje_qdrant.errors import InputError
-    from edje_qdrant.retriever import Retriever, check_search_args
+    from edje_qdrant.retriever import Retriever
+    from edje_qdrant.rules import check_search_args, filter_from_where
 
     if (query is None) == (image is None):
         raise InputError("pass either QUERY text or --image PHOTO (one of them)")
@@ -203,7 +204,7 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
         check_search_args(query, k, rerank_k)
     elif not image.is_file():  # before the model loads
         raise InputError(f"query image {image}: no such file; pass the path of a readable image file (JPEG, PNG, ...)")
-    filter = parse_where(where)
+    filter = filter_from_where(where)
     target = open_store_from(store, url, api_key, create=False)
     try:
         retriever = Retriever(target, collection, model, device=device)

@@ -70,32 +70,3 @@ def library_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(str(exc)) from None
 
     return wrapper
-
-
-def parse_where(where: tuple[str, ...]) -> Any:
-    """--where values -> the dict filter form, or a qdrant_client Filter when given as JSON."""
-    from edje_qdrant.errors import InputError
-
-    if not where:
-        return None
-    if len(where) == 1 and where[0].lstrip().startswith("{"):
-        import json
-
-        from qdrant_client import models
-
-        try:
-            return models.Filter.model_validate(json.loads(where[0]))
-        except ValueError as exc:
-            raise InputError(f"--where JSON is not a valid Qdrant filter: {exc}") from None
-    form: dict[str, Any] = {}
-    for item in where:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--where {item!r} must look like KEY=VALUE (e.g. folder=holidays) or be JSON")
-        key = key.strip()
-        if key in form:  # repeated key: any of the values
-            previous = form[key] if isinstance(form[key], list) else [form[key]]
-            form[key] = previous + [value]
-        else:
-            form[key] = value
-    return form

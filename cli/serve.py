@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ipaddress
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -69,23 +68,12 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
     if not _is_loopback(host) and not service_api_key:
         click.echo(f"warning: listening on {host} without --service-api-key: anyone who can reach port {port} "
                    "can search this collection", err=True)
+    from edje_qdrant.store import redact_url
+
     where = redact_url(url) if url else store
     click.echo(f"serving collection '{collection}' from {where} on http://{host}:{port} "
                f"(OpenAPI docs at /docs)", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, server_header=False)
-
-
-def redact_url(url: str) -> str:
-    """The URL without user:password and query string (where keys sometimes hide)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, host if (parts.username or parts.password) else parts.netloc,
-                           parts.path, "", ""))
-    except ValueError:
-        return "<unparsable url>"
 
 
 def _is_loopback(host: str) -> bool:

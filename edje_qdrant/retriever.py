@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .codec import decode_batch, decode_tokens
-
-from .rules import TOKENS_KEY
 from .errors import InputError, ModelMismatchError, StoreError
+from .microbatch import MicroBatcher
+from .rules import (METADATA_KEY, PAGE_CONTENT_KEY, RESULT_PAYLOAD_KEYS, SOURCE_KEY, TOKENS_KEY, canonical_id,
+                    check_counts, check_search_args)
 from .scores import fused_score
 from .store import Store, open_store
 from .store.base import CollectionSpec
@@ -27,12 +26,6 @@ if TYPE_CHECKING:  # torch and the models load only when a Retriever loads its m
 SEARCH_PARTS = ("text", "reranker")
 
 log = logging.getLogger(__name__)
-
-MAX_QUERY_CHARS = 10_000
-MAX_RERANK_K = 10_000
-MAX_K = 10_000
-RESULT_PAYLOAD_KEYS = ["page_content", "metadata"]
-
 
 @dataclass
 class SearchResult:
@@ -54,33 +47,6 @@ class SearchResult:
         return asdict(self)
 
 
-def check_search_args(query: Any, k: Any, rerank_k: Any) -> str:
-    """Validate search arguments; returns the query. Raises InputError with the fix."""
-    if not isinstance(query, str):
-        raise InputError(f"query must be a string, got {type(query).__name__}")
-    if not query.strip():
-        raise InputError("query is empty; pass some text to search for")
-    if len(query) > MAX_QUERY_CHARS:
-        raise InputError(f"query has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
-    try:  # lone surrogates (e.g. undecodable command-line bytes) would crash the tokenizer
-        query.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InputError(f"query is not valid Unicode text (character {exc.start} is a lone surrogate, e.g. from "
-                         "bytes that are not UTF-8); pass UTF-8 text") from None
-    for name, value, cap in (("k", k, MAX_K), ("rerank_k", rerank_k, MAX_RERANK_K)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-            raise InputError(f"{name} must be an integer, got {value!r}")
-        if value > cap:
-            raise InputError(f"{name}={value} is above the limit of {cap}")
-    if k <= 0:
-        raise InputError(f"k must be at least 1, got {k}")
-    if rerank_k < 0:
-        raise InputError(f"rerank_k must be 0 (no re-ranking) or positive, got {rerank_k}")
-    if rerank_k and k > rerank_k:
-        raise InputError(f"k={k} is larger than rerank_k={rerank_k}; raise rerank_k to at least k, or set rerank_k=0")
-    return query
-
-
 class Retriever:
     """Text-to-image search over a collection built by ``ingest``.
 
@@ -99,7 +65,7 @@ class Retriever:
     ) -> None:
         """``micro_batch``: re-rank calls of concurrent searches that queue up while a forward runs go through the
         next forward together (more pairs per forward, higher throughput on a GPU); a lone search runs at once."""
-        self.store = _as_store(store)
+        self.store = open_store(store, create=False)  # a path, client or Store; searching never creates a store
         self.collection = collection
         spec = self.store.get_spec(collection)
         if spec is None:
@@ -116,7 +82,7 @@ class Retriever:
         self.store.open_collection(collection, spec, create=False)
         self.spec = spec
         self._model_lock = threading.Lock()
-        self._batcher = _MicroBatcher(self.model, self._model_lock) if micro_batch else None
+        self._batcher = MicroBatcher(self.model, self._model_lock) if micro_batch else None
 
     def _check_model(self, spec: CollectionSpec) -> None:
         if spec.fingerprint != self.model.fingerprint and spec.model == self.model.name:
@@ -177,7 +143,7 @@ class Retriever:
         same point id) is left out of its own results unless ``exclude_self=False``; a PIL image has no bytes to
         identify it by, so nothing is left out. ``filter`` as in ``search``.
         """
-        _check_k(k)
+        check_counts(k, 0)
         if getattr(self.model, "vision", None) is None:
             raise InputError(f"model {self.model.name} has no vision tower, which search_image needs; load the model "
                              "the collection was built with")
@@ -282,13 +248,6 @@ class Retriever:
         _order_in_place(results)
 
 
-def _check_k(k: Any) -> None:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
-        raise InputError(f"k must be an integer, got {k!r}")
-    if not 1 <= k <= MAX_K:
-        raise InputError(f"k must be between 1 and {MAX_K}, got {k}")
-
-
 def _query_image(image: Any, vision: Any) -> tuple[Any, str | None]:
     """(RGB PIL image, point id of its bytes or None) for ``search_image``; decoded exactly as ingest does."""
     from PIL import Image
@@ -326,86 +285,9 @@ def _result(hit: Any, first_stage_score: float) -> SearchResult:
 
 def _set_payload(result: SearchResult, payload: dict[str, Any]) -> None:
     """Fill path / page_content / metadata of a result from a point payload."""
-    result.metadata = dict(payload.get("metadata") or {})
-    result.path = result.metadata.get("source")
-    result.page_content = str(payload.get("page_content", ""))
-
-
-def canonical_id(point_id: Any) -> str:
-    try:
-        return str(uuid.UUID(str(point_id)))
-    except (ValueError, TypeError, AttributeError):
-        raise InputError(
-            f"point id {point_id!r} is not a UUID string; only points of an edje-qdrant collection can be re-ranked"
-        ) from None
-
-
-class _Request:
-    __slots__ = ("query", "tokens", "result", "error", "done")
-
-    def __init__(self, query: str, tokens: np.ndarray) -> None:
-        self.query, self.tokens = query, tokens
-        self.result: np.ndarray | None = None
-        self.error: BaseException | None = None
-        self.done = False
-
-
-class _MicroBatcher:
-    """Leader/follower micro-batching of rerank calls: the caller that finds no forward running leads; under the
-    model lock it takes every queued request and scores them in one forward (one caption per candidate row).
-    Callers that arrive meanwhile wait, and one of them leads the next forward. A lone call runs at once."""
-
-    def __init__(self, model: "EdjeModel", model_lock: threading.Lock) -> None:
-        self.model = model
-        self.model_lock = model_lock
-        self.cond = threading.Condition()
-        self.pending: list[_Request] = []
-        self.leading = False
-        self.forwards = 0  # forwards run, and requests served (for tests / stats)
-        self.requests = 0
-
-    def rerank(self, query: str, tokens: np.ndarray) -> np.ndarray:
-        req = _Request(query, tokens)
-        with self.cond:
-            self.pending.append(req)
-            while self.leading and not req.done:
-                self.cond.wait()
-            if not req.done:
-                self.leading = True
-        if not req.done:
-            try:
-                with self.model_lock:
-                    with self.cond:
-                        batch, self.pending = self.pending, []
-                    self._run(batch)
-            finally:
-                with self.cond:
-                    self.leading = False
-                    self.cond.notify_all()
-        if req.error is not None:
-            raise req.error
-        assert req.result is not None
-        return req.result
-
-    def _run(self, batch: list[_Request]) -> None:
-        try:
-            if len(batch) == 1:
-                logits = self.model.rerank(batch[0].query, batch[0].tokens)
-            else:
-                captions = [r.query for r in batch for _ in range(len(r.tokens))]
-                logits = self.model.rerank(captions, np.concatenate([r.tokens for r in batch]))
-            start = 0
-            for r in batch:
-                r.result = logits[start:start + len(r.tokens)]
-                start += len(r.tokens)
-        except BaseException as exc:  # every waiting caller gets the error
-            for r in batch:
-                r.error = exc
-        finally:
-            self.forwards += 1
-            self.requests += len(batch)
-            for r in batch:
-                r.done = True
+    result.metadata = dict(payload.get(METADATA_KEY) or {})
+    result.path = result.metadata.get(SOURCE_KEY)
+    result.page_content = str(payload.get(PAGE_CONTENT_KEY, ""))
 
 
 class _Clock:
@@ -424,19 +306,6 @@ class _Clock:
     def total(self) -> None:
         if self.sink is not None:
             self.sink["total"] = time.perf_counter() - self.start
-
-
-def _as_store(store: Any) -> Store:
-    if isinstance(store, (str, os.PathLike)):
-        return open_store(path=os.fspath(store), create=False)  # searching never creates a store
-    client_module = sys.modules.get("qdrant_client")  # not imported yet: store cannot be a client (import is slow)
-    if client_module is not None and isinstance(store, client_module.QdrantClient):
-        from .store.server import ClientStore
-
-        return ClientStore(store)
-    if hasattr(store, "query") and hasattr(store, "open_collection"):
-        return store
-    raise InputError(f"store must be a path, a QdrantClient or a Store, got {type(store).__name__}")
 
 
 def _order_in_place(results: list[SearchResult]) -> None:

@@ -23,68 +23,29 @@ require("fastapi", "service")
 from fastapi import FastAPI, HTTPException, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, PlainTextResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
 
 from edje_qdrant import __version__  # noqa: E402
 from edje_qdrant.errors import EdjeError, InputError, StoreError  # noqa: E402
+from edje_qdrant.http_schema import ErrorOut, SearchResponse, filter_data, search_request_model  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
+from edje_qdrant.rules import QueryLimits, check_search_args, filter_from_json  # noqa: E402
 
 __all__ = ["ServiceLimits", "create_app", "Metrics"]
 
 log = logging.getLogger(__name__)
 
-FILTER_CLAUSES = ("must", "should", "must_not", "min_should")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True)
-class ServiceLimits:
-    """Caps on what one request may ask for."""
+class ServiceLimits(QueryLimits):
+    """Caps on what one request may ask for (tighter than the library's; the OpenAPI schema states them)."""
 
     max_k: int = 100
     max_rerank_k: int = 1000
     max_query_chars: int = 2000
     max_body_bytes: int = 64 * 1024
-
-
-# --------------------------------------------------------------------------- request / response models
-
-
-class SearchRequest(BaseModel):
-    """Body of POST /search. ``filter``: a Qdrant Filter as JSON (must/should/must_not) or the small dict form
-    ``{"folder": "...", "taken_after": "2024-01-01", "taken_before": ..., "camera": ..., "mime": ...}``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: StrictStr = Field(description="Text to search for.")
-    k: StrictInt = Field(10, ge=1, description="Results to return.")
-    rerank_k: StrictInt = Field(100, ge=0, description="First-stage candidates to re-rank (0 = no re-ranking).")
-    filter: dict[str, Any] | None = Field(None, description="Qdrant Filter JSON or the small dict form.")
-
-
-class ResultOut(BaseModel):
-    id: str
-    path: str | None
-    score: float = Field(description="What the results are sorted by: rerank_score + the model's fusion_weight x "
-                                     "first_stage_score when re-ranked, first_stage_score when not.")
-    first_stage_score: float = Field(description="Cosine similarity of the ANN (first-stage) search.")
-    rerank_score: float | None = Field(description="The joint encoder's logit; null when not re-ranked.")
-    page_content: str
-    metadata: dict[str, Any]
-    flags: list[str]
-
-
-class SearchResponse(BaseModel):
-    query: str
-    k: int
-    rerank_k: int
-    collection: str
-    took_ms: float
-    results: list[ResultOut]
-
-
-class ErrorOut(BaseModel):
-    detail: Any
 
 
 # --------------------------------------------------------------------------- metrics
@@ -241,52 +202,43 @@ def create_app(
     """The FastAPI app. ``retriever`` is a Retriever or a zero-argument factory (built lazily, closed at exit)."""
     holder = _RetrieverHolder(retriever)
     metrics = Metrics()
-    keys = [k.encode() for k in api_keys if k]
-    wants_timings: dict[int, bool] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         holder.close()
 
-    app = FastAPI(
-        title="edje-qdrant",
-        version=__version__,
-        description="Text-to-image search on Qdrant with EDJE re-ranking.",
-        lifespan=lifespan,
-    )
+    app = FastAPI(title="edje-qdrant", version=__version__,
+                  description="Text-to-image search on Qdrant with EDJE re-ranking.", lifespan=lifespan)
     app.state.metrics = metrics
     app.state.limits = limits
-
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(_Metered, metrics=metrics)  # outermost: counts 413s too
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    _add_search_route(app, holder, metrics, limits, [k.encode() for k in api_keys if k])
+    _add_health_routes(app, holder, metrics)
+    return app
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body", "message": e.get("msg", "")}
-            for e in exc.errors()
-        ]
-        return JSONResponse({"detail": errors}, status_code=422)
 
-    def check_key(request: Request) -> None:
-        if not keys:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not any(hmac.compare_digest(given.encode(), k) for k in keys):
-            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 413, 422, 503)}
 
-    responses: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorOut} for code in (400, 401, 413, 422, 503)
-    }
 
-    @app.post("/search", response_model=SearchResponse, responses=responses)
-    def search(body: SearchRequest, request: Request) -> dict[str, Any]:
+def _add_search_route(app: FastAPI, holder: _RetrieverHolder, metrics: Metrics, limits: ServiceLimits,
+                      keys: list[bytes]) -> None:
+    """POST /search: body checked by the schema built from ``limits``, then by the same rules as the library."""
+    wants_timings: dict[int, bool] = {}
+
+    def search(body: BaseModel, request: Request) -> dict[str, Any]:
         """Top ``k`` images for ``query``: ANN over ``rerank_k`` candidates, re-ranked by the joint encoder."""
-        check_key(request)
-        _check_limits(body, limits)
-        flt = _parse_filter(body.filter)
+        _check_key(request, keys)
+        try:
+            check_search_args(body.query, body.k, body.rerank_k, limits)
+        except InputError as exc:
+            raise HTTPException(422, [{"field": getattr(exc, "field", "body"), "message": str(exc)}]) from None
+        try:
+            flt = filter_from_json(filter_data(body.filter))
+        except InputError as exc:
+            raise HTTPException(400, str(exc)) from None
         r = _get_retriever(holder)
         kwargs: dict[str, Any] = {}
         if wants_timings.setdefault(id(r), "timings" in inspect.signature(r.search).parameters):
@@ -304,15 +256,14 @@ def create_app(
         stages.setdefault("total", took)
         for stage, seconds in stages.items():
             metrics.observe(str(stage), float(seconds))
-        return {
-            "query": body.query,
-            "k": body.k,
-            "rerank_k": body.rerank_k,
-            "collection": r.collection,
-            "took_ms": round(took * 1000, 3),
-            "results": [x.to_dict() for x in results],
-        }
+        return {"query": body.query, "k": body.k, "rerank_k": body.rerank_k, "collection": r.collection,
+                "took_ms": round(took * 1000, 3), "results": [x.to_dict() for x in results]}
 
+    search.__annotations__["body"] = search_request_model(limits)  # the schema carries this app's limits
+    app.post("/search", response_model=SearchResponse, responses=_ERROR_RESPONSES)(search)
+
+
+def _add_health_routes(app: FastAPI, holder: _RetrieverHolder, metrics: Metrics) -> None:
     @app.get("/healthz", responses={503: {"model": ErrorOut}})
     def healthz() -> JSONResponse:
         """200 when the collection can be searched; 503 (with the reason) otherwise."""
@@ -321,17 +272,42 @@ def create_app(
             points = r.store.count(r.collection)
         except EdjeError as exc:
             return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
-        return JSONResponse(
-            {"status": "ok", "collection": r.collection, "model": r.spec.model, "points": points,
-             "version": __version__}
-        )
+        return JSONResponse({"status": "ok", "collection": r.collection, "model": r.spec.model, "points": points,
+                             "version": __version__})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
         """Prometheus text format: request counts and per-stage latency histograms."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return app
+
+def _check_key(request: Request, keys: list[bytes]) -> None:
+    if not keys:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not any(hmac.compare_digest(given.encode(), k) for k in keys):
+        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with one ``{"field", "message"}`` per problem; the limits' messages read as the library's."""
+    problems = []
+    for e in exc.errors():
+        field = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        problems.append({"field": field, "message": _message(field, e)})
+    return JSONResponse({"detail": problems}, status_code=422)
+
+
+def _message(field: str, e: dict[str, Any]) -> str:
+    kind, ctx, given = e.get("type", ""), e.get("ctx") or {}, e.get("input")
+    if kind == "less_than_equal" and field in ("k", "rerank_k"):
+        return f"{field}={given} is above this service's limit of {ctx.get('le')}"
+    if kind == "string_too_long" and field == "query":
+        return f"query has {len(given)} characters; this service's limit is {ctx.get('max_length')}"
+    if kind in ("string_too_short", "string_pattern_mismatch") and field == "query":
+        return "query is empty; pass some text to search for"
+    return str(e.get("msg", ""))
 
 
 def _get_retriever(holder: _RetrieverHolder) -> Retriever:
@@ -340,39 +316,3 @@ def _get_retriever(holder: _RetrieverHolder) -> Retriever:
     except EdjeError as exc:
         log.warning("retriever not ready: %s", exc)
         raise HTTPException(503, str(exc)) from None
-
-
-def _check_limits(body: SearchRequest, limits: ServiceLimits) -> None:
-    problems = []
-    if body.k > limits.max_k:
-        problems.append({"field": "k", "message": f"k={body.k} is above this service's limit of {limits.max_k}"})
-    if body.rerank_k > limits.max_rerank_k:
-        problems.append({"field": "rerank_k", "message":
-                         f"rerank_k={body.rerank_k} is above this service's limit of {limits.max_rerank_k}"})
-    if len(body.query) > limits.max_query_chars:
-        problems.append({"field": "query", "message":
-                         f"query has {len(body.query)} characters; this service's limit is {limits.max_query_chars}"})
-    if not body.query.strip():
-        problems.append({"field": "query", "message": "query is empty; pass some text to search for"})
-    if body.rerank_k and body.k > body.rerank_k:
-        problems.append({"field": "k", "message":
-                         f"k={body.k} is larger than rerank_k={body.rerank_k}; raise rerank_k or set it to 0"})
-    if problems:
-        raise HTTPException(422, problems)
-
-
-def _parse_filter(raw: dict[str, Any] | None) -> Any:
-    """Qdrant Filter JSON -> models.Filter; the small dict form is passed on as is (the store converts it)."""
-    if not raw:
-        return None
-    if any(key in raw for key in FILTER_CLAUSES):
-        from pydantic import ValidationError
-        from qdrant_client import models
-
-        try:
-            return models.Filter.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()) if "[" not in str(p))
-            raise HTTPException(400, f"filter is not a valid Qdrant Filter at {where or 'top level'}: {first['msg']}")
-    return dict(raw)

@@ -197,10 +197,10 @@ def test_micro_batched_rerank_equals_single_calls(model, tokens):
     import threading
     import time
 
-    from edje_qdrant.retriever import _MicroBatcher
+    from edje_qdrant.microbatch import MicroBatcher
 
     lock = threading.Lock()
-    batcher = _MicroBatcher(_fp32(model), lock)
+    batcher = MicroBatcher(_fp32(model), lock)
     queries = [QUERY, "two children play football", "a red circle on a white wall with a long shadow"]
     parts = [tokens[:5], tokens[5:6], tokens[6:12]]
     want = [_fp32(model).rerank(q, t) for q, t in zip(queries, parts)]

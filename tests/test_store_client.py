@@ -22,7 +22,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from edje_qdrant.errors import InputError, StoreError
 from edje_qdrant.store import ClientStore, EdgeStore, open_store
-from edje_qdrant.store.server import SPEC_POINT_ID, _strip_credentials, _transient
+from edje_qdrant.store.server import SPEC_POINT_ID, redact_url, _transient
 
 
 @pytest.fixture(params=["metadata", "point"])
@@ -142,8 +142,8 @@ def test_open_store_picks_the_backend(tmp_path):
 
 
 def test_url_credentials_are_stripped():
-    assert _strip_credentials("https://me:secret@q.example.com:6333/p?api-key=x") == "https://q.example.com:6333/p"
-    assert _strip_credentials("http://localhost:6333") == "http://localhost:6333"
+    assert redact_url("https://me:secret@q.example.com:6333/p?api-key=x") == "https://q.example.com:6333/p"
+    assert redact_url("http://localhost:6333") == "http://localhost:6333"
 
 
 class _Rpc(grpc.RpcError):

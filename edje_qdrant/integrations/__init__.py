@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from edje_qdrant.retriever import canonical_id
+from edje_qdrant.rules import canonical_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from edje_qdrant.retriever import Retriever, SearchResult

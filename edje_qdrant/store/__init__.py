@@ -5,9 +5,12 @@ embedded path does not need it.
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
-from edje_qdrant.errors import StoreError
+from edje_qdrant.errors import InputError, StoreError
+from edje_qdrant.store._common import redact_url
 from edje_qdrant.store.base import CollectionSpec, Hit, PointRecord, Store
 from edje_qdrant.store.edge import EdgeStore
 from edje_qdrant.store.filters import ALLOWED_KEYS as FILTER_KEYS
@@ -27,6 +30,7 @@ __all__ = [
     "PointRecord",
     "Store",
     "open_store",
+    "redact_url",
 ]
 
 
@@ -38,23 +42,28 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(path: str | None = None, url: str | None = None, api_key: str | None = None, *,
+def open_store(path: Any = None, url: str | None = None, api_key: str | None = None, *,
                create: bool = True, collection_options: "CollectionOptions | None" = None) -> Store:
-    """``url`` -> a Qdrant server over gRPC; ``url=":memory:"`` -> qdrant-client local mode; else Edge at ``path``.
+    """Every form a store can be named in, as a ``Store`` (``Retriever`` and ``ingest`` take the same forms):
 
-    ``create=False``: an embedded store must already exist (read-only commands create no folder or lock file).
+    - ``path``: a folder for the embedded Qdrant Edge store (``create=False``: it must already exist, so
+      read-only commands create no folder or lock file), or an open ``qdrant_client.QdrantClient``, or a Store;
+    - ``url``: a Qdrant server over gRPC (``api_key``), or ``":memory:"`` for qdrant-client's local mode.
+
     ``collection_options`` (shards, replicas, on-disk parts) lay out new collections on a server.
     """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        if url:
+            raise InputError("pass either an open store/client or a url, not both")
+        return _from_object(path)
     if not url:
         if collection_options is not None and not collection_options.is_default():
-            from edje_qdrant.errors import InputError
-
             raise InputError("shards, replication and on-disk options apply to a Qdrant server: pass --url "
                              "(QDRANT_URL); the embedded store is one local shard")
-        return EdgeStore(path or DEFAULT_PATH, create=create)
+        return EdgeStore(os.fspath(path) if path is not None else DEFAULT_PATH, create=create)
     from qdrant_client import QdrantClient
 
-    from edje_qdrant.store.server import ClientStore, _strip_credentials
+    from edje_qdrant.store.server import ClientStore
 
     if url == ":memory:":
         return ClientStore(QdrantClient(location=":memory:"), collection_options=collection_options)
@@ -63,5 +72,17 @@ def open_store(path: str | None = None, url: str | None = None, api_key: str | N
         # that does not answer with its own clear error on first use
         client = QdrantClient(url=url, api_key=api_key, prefer_grpc=True, check_compatibility=False)
     except Exception as e:  # bad URL syntax and the like; never echo the key
-        raise StoreError(f"cannot use Qdrant URL {_strip_credentials(url)!r}: {type(e).__name__}") from e
+        raise StoreError(f"cannot use Qdrant URL {redact_url(url)!r}: {type(e).__name__}") from e
     return ClientStore(client, url=url, collection_options=collection_options)
+
+
+def _from_object(obj: Any) -> Store:
+    """An open QdrantClient (wrapped) or anything that already speaks the Store protocol."""
+    client_module = sys.modules.get("qdrant_client")  # not imported yet: obj cannot be a client (import is slow)
+    if client_module is not None and isinstance(obj, client_module.QdrantClient):
+        from edje_qdrant.store.server import ClientStore
+
+        return ClientStore(obj)
+    if hasattr(obj, "query") and hasattr(obj, "open_collection"):
+        return obj
+    raise InputError(f"store must be a folder path, a QdrantClient or a Store, got {type(obj).__name__}")

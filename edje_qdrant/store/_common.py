@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import re
 from typing import Any, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from edje_qdrant.errors import InputError, ModelMismatchError
 from edje_qdrant.store.base import CollectionSpec
@@ -90,3 +91,18 @@ def clip_vector(record: Any) -> list[float] | None:
     if isinstance(vec, dict):
         vec = vec.get("clip")
     return [float(x) for x in vec] if vec is not None else None
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password and query string (where keys sometimes hide); safe to print."""
+    try:
+        parts = urlsplit(url)
+        has_credentials = bool(parts.username or parts.password)
+    except ValueError:  # unparsable: drop anything between "//" and "@", and any query string
+        return re.sub(r"//[^/@]*@", "//", url).split("?", 1)[0]
+    if has_credentials:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) if parts.query else url

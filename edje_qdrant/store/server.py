@@ -7,7 +7,6 @@ with exponential backoff, then reported as a StoreError naming the URL (never th
 """
 from __future__ import annotations
 
-import re
 
 import json
 import logging
@@ -16,13 +15,13 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from qdrant_client import QdrantClient, models
 
 from edje_qdrant.errors import EdjeError, InputError, StoreError
 from edje_qdrant.rules import SPEC_KEY, VECTOR_NAME, canonical_id, canonical_ids
 from edje_qdrant.store._common import (
+    redact_url,
     check_collection_name,
     check_limit,
     check_spec,
@@ -436,21 +435,7 @@ def _describe(client: QdrantClient, url: str | None) -> str:
             return f"local path {opts['path']}"
         url = opts.get("url") or opts.get("location") or (f"{opts.get('host')}:{opts.get('port')}" if opts.get("host")
                                                            else "local")
-    return _strip_credentials(str(url))
-
-
-def _strip_credentials(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        has_credentials = bool(parts.username or parts.password)
-    except ValueError:  # unparsable: drop anything between "//" and "@", and any query string
-        return re.sub(r"//[^/@]*@", "//", url).split("?", 1)[0]
-    if has_credentials:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, "", ""))
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) if parts.query else url
+    return redact_url(str(url))
 
 
 def _check_vectors(name: str, where: str, info: Any) -> None:

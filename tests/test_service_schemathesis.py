@@ -1,0 +1,78 @@
+"""Schemathesis over the HTTP service: every request the OpenAPI schema allows is answered as the schema says
+(all checks: no server error, status codes and bodies conform, schema-valid requests are accepted, invalid ones
+rejected), on a real Retriever with a Qdrant Edge store and the tiny-random model."""
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis", reason="test extra: pip install -e '.[test]'")
+pytest.importorskip("fastapi", reason="optional extra: pip install 'edje-qdrant[service]'")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from edje_qdrant.ingest import ingest  # noqa: E402
+from edje_qdrant.retriever import Retriever  # noqa: E402
+from edje_qdrant.service import ServiceLimits, create_app  # noqa: E402
+from edje_qdrant.store import open_store  # noqa: E402
+
+LIMITS = ServiceLimits(max_k=20, max_rerank_k=50, max_query_chars=200, max_body_bytes=64 * 1024)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, demo_folder, tiny_model):
+    store = open_store(path=str(tmp_path_factory.mktemp("schemathesis") / "store"))
+    assert ingest(demo_folder, store, tiny_model, "images").ingested == 12
+    yield create_app(Retriever(store, "images", tiny_model), limits=LIMITS)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def api_schema(app):
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+def _breaks_k_rule(case) -> bool:
+    """The one rule JSON Schema cannot state: k <= rerank_k when re-ranking (the field says so in words)."""
+    body = case.body if isinstance(case.body, dict) else {}
+    k, rerank_k = body.get("k", 10), body.get("rerank_k", LIMITS.max_rerank_k)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (k, rerank_k))
+    return numbers and 0 < rerank_k < k
+
+
+@pytest.mark.parametrize("path, mode", [("/search", "positive"), ("/search", "negative"), ("/healthz", "positive"),
+                                        ("/metrics", "positive")])  # the GETs take no input to get wrong
+def test_every_request_is_answered_as_the_schema_says(api_schema, path, mode):
+    from hypothesis import given
+    from hypothesis import strategies as st
+    from schemathesis.generation import GenerationMode
+
+    operation = next(r.ok() for r in api_schema.get_all_operations() if r.ok().path == path)
+    strategy = operation.as_strategy(GenerationMode(mode))
+    calls = []
+
+    @given(data=st.data())
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    def run(data):
+        case = data.draw(strategy)
+        calls.append(1)
+        if mode == "positive" and path == "/search" and _breaks_k_rule(case):
+            response = case.call()
+            assert response.status_code == 422 and "larger than rerank_k" in response.text, response.text
+            return
+        case.call_and_validate()  # every check schemathesis has
+
+    run()
+    assert calls
+
+
+def test_schema_states_the_limits(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        spec = client.get("/openapi.json").json()
+    request = spec["components"]["schemas"]["SearchRequest"]["properties"]
+    assert request["query"]["minLength"] == 1 and request["query"]["maxLength"] == LIMITS.max_query_chars
+    assert request["k"]["maximum"] == LIMITS.max_k and request["rerank_k"]["maximum"] == LIMITS.max_rerank_k
+    small = spec["components"]["schemas"]["SmallFilter"]
+    assert small["additionalProperties"] is False
+    assert set(small["properties"]) == {"folder", "camera", "mime", "taken_after", "taken_before"}
