@@ -74,11 +74,11 @@ def test_local_mode_reports_what_it_keeps():
 
 
 def test_connection_for_workers_keeps_the_server_and_key():
-    client = QdrantClient(url="http://qdrant.example:6333", api_key="secret", prefer_grpc=True,
+    client = QdrantClient(url="https://qdrant.example:6333", api_key="secret", prefer_grpc=True,
                           check_compatibility=False)
-    store = ClientStore(client, url="http://qdrant.example:6333")
+    store = ClientStore(client, url="https://qdrant.example:6333")
     conn = store.connection()
-    assert conn["url"] == "http://qdrant.example:6333" and conn["api_key"] == "secret" and conn["prefer_grpc"] is True
+    assert conn["url"] == "https://qdrant.example:6333" and conn["api_key"] == "secret" and conn["prefer_grpc"] is True
     assert QdrantClient(**conn, check_compatibility=False).init_options["grpc_port"] == client.init_options["grpc_port"]
 
 

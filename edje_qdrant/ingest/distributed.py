@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import msgpack
 import numpy as np
 
 from ..codec import encode_tokens
@@ -272,7 +272,7 @@ class EmbedWorker:
             self.sink.upsert(self.s.collection, points)  # durable when it returns (wait=True)
             rows.extend(("written", p.id, b"", b"") for p in points)
         else:
-            rows.extend(("point", p.id, b"", pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)) for p in points)
+            rows.extend(("point", p.id, b"", _pack_point(p)) for p in points)
         return {
             "outcome": np.array([r[0] for r in rows], dtype=object),
             "id": np.array([r[1] for r in rows], dtype=object),
@@ -282,7 +282,17 @@ class EmbedWorker:
 
 
 def _failure(reason: str, error_type: str, kind: str) -> bytes:
-    return pickle.dumps((reason, error_type, kind))
+    return msgpack.packb([reason, error_type, kind])
+
+
+def _pack_point(p: PointRecord) -> bytes:
+    """A point as msgpack (data only: the driver never unpickles what workers send)."""
+    return msgpack.packb({"id": p.id, "vector": list(p.vector), "payload": p.payload}, use_bin_type=True)
+
+
+def _unpack_point(body: bytes) -> PointRecord:
+    data = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    return PointRecord(id=data["id"], vector=data["vector"], payload=data["payload"])
 
 
 def _point(p: _Prepared, vec: np.ndarray, tok: np.ndarray, dtype: str,
@@ -446,7 +456,7 @@ class _RayRun:
 
     def _take(self, outcome: str, pid: str, path: bytes, body: bytes) -> None:
         if outcome == "failed":
-            reason, error_type, kind = pickle.loads(body)
+            reason, error_type, kind = msgpack.unpackb(body, raw=False)
             self.unreadable.files.add(display_path(Path(os.fsdecode(path))))
             self.errors.add(Path(os.fsdecode(path)), reason, error_type, kind)
             self._tick()
@@ -459,7 +469,7 @@ class _RayRun:
             self._tick()
         else:  # "point": the driver writes it
             self.written.add(pid)
-            point = pickle.loads(body)
+            point = _unpack_point(body)
             self.found.setdefault(point.id, list(point.payload["metadata"][LOCATIONS_KEY]))  # changed after hashing
             self.pending.append(point)
 
