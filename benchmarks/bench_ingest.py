@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 import _common as C
-from edje_qdrant.ingest import ingest
-from edje_qdrant.ingest.pipeline import default_workers
+from edje_qdrant.ingestion import ingest
+from edje_qdrant.ingestion.pipeline import default_workers
 from edje_qdrant.models.base import EdjeModel
 from edje_qdrant.store import EdgeStore
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 import _common as C
 from bench_ingest import ingest_model, make_images
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.store import EdgeStore
 
 
@@ -48,7 +48,7 @@ def _timed(folder: Path, store_dir: Path, model: Any, bs: int, **kwargs: Any) ->
 def run(quick: bool = False, images: int | None = None, workdir: str | None = None) -> dict[str, Any]:
     import ray
 
-    from edje_qdrant.ingest.distributed import RayOptions
+    from edje_qdrant.ingestion.distributed import RayOptions
 
     torch.set_grad_enabled(False)
     n = images or (16 if quick else 192)

@@ -18,7 +18,7 @@ from PIL import Image
 
 import _common as C
 from bench_search import build_collection
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.models import load_model
 from edje_qdrant.store import EdgeStore
 

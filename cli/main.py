@@ -80,7 +80,7 @@ def _scale_setup(scale: dict, workers: int | None):
 
             raise InputError("--gpus-per-worker applies to Ray workers: add --ray")
         return layout, None
-    from edje_qdrant.ingest.distributed import RayOptions, import_ray
+    from edje_qdrant.ingestion.distributed import RayOptions, import_ray
 
     import_ray()
     if logging.getLogger().getEffectiveLevel() > logging.INFO:  # without -v: Ray Data's per-dataset notes and its
@@ -117,7 +117,7 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
     layout, ray_options = _scale_setup(scale, workers)
     executor = {"executor": "ray", "ray_options": ray_options, "workers": None} if ray_options else {}
     try:  # Ctrl-C while the libraries or the model load: a clean exit too, nothing was written yet
-        from edje_qdrant.ingest import ingest as run_ingest
+        from edje_qdrant.ingestion import ingest as run_ingest
         from edje_qdrant.models import load_model
 
         edje_model = load_model(model, device=device)  # first: a bad --model creates no store

@@ -9,7 +9,7 @@ __all__ = ["Retriever", "SearchResult", "ingest", "load_model", "open_store", "_
 _LAZY = {
     "Retriever": ("edje_qdrant.retriever", "Retriever"),
     "SearchResult": ("edje_qdrant.retriever", "SearchResult"),
-    "ingest": ("edje_qdrant.ingest", "ingest"),
+    "ingest": ("edje_qdrant.ingestion", "ingest"),
     "load_model": ("edje_qdrant.models", "load_model"),
     "open_store": ("edje_qdrant.store", "open_store"),
 }

@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import InputError
-from .ingest import ingest
-from .ingest.ids import sha256_file
+from .ingestion import ingest
+from .ingestion.ids import sha256_file
 from .metrics import RECALL_KS, recalls
 from .models import load_model
 from .models.base import EdjeModel

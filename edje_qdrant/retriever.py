@@ -252,8 +252,8 @@ def _query_image(image: Any, vision: Any) -> tuple[Any, str | None]:
     """(RGB PIL image, point id of its bytes or None) for ``search_image``; decoded exactly as ingest does."""
     from PIL import Image
 
-    from .ingest.decode import UnusableFile, decode_image, draft_size_for, read_file
-    from .ingest.ids import sha256_bytes
+    from .ingestion.decode import UnusableFile, decode_image, draft_size_for, read_file
+    from .ingestion.ids import sha256_bytes
     from .rules import point_id
 
     if isinstance(image, Image.Image):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edje_qdrant.ingest.pool import TaskPool
+from edje_qdrant.ingestion.pool import TaskPool
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -41,7 +41,7 @@ def test_a_stuck_worker_does_not_hold_up_shutdown():
     release = threading.Event()
     pool = TaskPool(1, name="t-stuck")
     stuck = pool.submit(release.wait, 30)
-    from edje_qdrant.ingest import UnusableFile
+    from edje_qdrant.ingestion import UnusableFile
 
     with pytest.raises(UnusableFile):
         pool.wait(stuck, 0.2)  # abandoned; a fresh worker takes its place
@@ -56,7 +56,7 @@ def test_a_stuck_worker_does_not_hold_up_shutdown():
 
 
 def test_ingest_leaves_no_thread_behind(tmp_path, demo_folder, tiny_model):
-    from edje_qdrant.ingest import ingest
+    from edje_qdrant.ingestion import ingest
     from edje_qdrant.store import open_store
 
     before = {t.ident for t in threading.enumerate()}

@@ -8,8 +8,8 @@ from PIL import Image
 
 import imagegen as g
 from edje_qdrant.errors import InputError
-from edje_qdrant.ingest.decode import UnusableFile, decode_image, read_file, to_rgb
-from edje_qdrant.ingest.metadata import exif_fields, orientation
+from edje_qdrant.ingestion.decode import UnusableFile, decode_image, read_file, to_rgb
+from edje_qdrant.ingestion.metadata import exif_fields, orientation
 
 
 def decode(path, **kw):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, load_example
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.models import load_model
 from edje_qdrant.retriever import Retriever
 from edje_qdrant.store import open_store

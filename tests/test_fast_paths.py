@@ -138,7 +138,7 @@ def test_int8_refuses_a_gpu_device(model, tokens):
 
 def test_payload_fetched_for_top_k_only_matches_the_one_call_path(tmp_path, demo_folder, tiny_model):
     """rerank_k > k: blobs in the ANN call, page_content/metadata read for the final k; same hits as k == rerank_k."""
-    from edje_qdrant.ingest import ingest
+    from edje_qdrant.ingestion import ingest
     from edje_qdrant.retriever import Retriever
     from edje_qdrant.store import open_store
 
@@ -226,7 +226,7 @@ def test_micro_batched_rerank_equals_single_calls(model, tokens):
 def test_micro_batch_flag_keeps_search_results(tmp_path, demo_folder, tiny_model):
     import threading
 
-    from edje_qdrant.ingest import ingest
+    from edje_qdrant.ingestion import ingest
     from edje_qdrant.retriever import Retriever
     from edje_qdrant.store import open_store
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import imagegen as g
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.store import open_store
 
 RUN_DEADLINE = 240.0  # seconds for the whole run; the per-file limit below keeps any one file from hanging it

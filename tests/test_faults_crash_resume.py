@@ -300,7 +300,7 @@ def test_partial_batch_failure_during_ingest_is_retried_and_nothing_is_lost(serv
                                                                              caplog):
     import logging
 
-    from edje_qdrant.ingest import ingest
+    from edje_qdrant.ingestion import ingest
     from edje_qdrant.store import ClientStore
 
     client, url, name = server_client
@@ -320,7 +320,7 @@ def test_partial_batch_failure_during_ingest_is_retried_and_nothing_is_lost(serv
 def test_a_server_that_stays_down_mid_ingest_stops_with_a_clear_error_and_resumes(server_client, tmp_path,
                                                                                  tiny_model):
     from edje_qdrant.errors import StoreError
-    from edje_qdrant.ingest import ingest
+    from edje_qdrant.ingestion import ingest
     from edje_qdrant.store import ClientStore
 
     client, url, name = server_client

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from edje_qdrant.cli.main import main
 from edje_qdrant.errors import InputError
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.models import load_model
 from edje_qdrant.models.official import save_compact
 from edje_qdrant.rules import check_search_args

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import imagegen as g
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.store import EdgeStore
 from edje_qdrant.store.base import PointRecord
 from test_faults_crash_resume import run_cli

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from edje_qdrant.ingest.ids import sha256_bytes, sha256_file
+from edje_qdrant.ingestion.ids import sha256_bytes, sha256_file
 from edje_qdrant.rules import POINT_NAMESPACE, point_id
 
 

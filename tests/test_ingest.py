@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,8 +14,8 @@ import imagegen as g
 from edje_qdrant.codec import decode_tokens
 from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import InputError, ModelMismatchError
-from edje_qdrant.ingest import IngestReport, ingest, point_id
-from edje_qdrant.ingest.decode import decode_image
+from edje_qdrant.ingestion import IngestReport, ingest, point_id
+from edje_qdrant.ingestion.decode import decode_image
 from edje_qdrant.models.registry import load_model
 from edje_qdrant.store import open_store
 
@@ -195,3 +197,32 @@ def test_empty_folder(tmp_path, store, model):
     report = ingest(tmp_path / "empty", store, model)
     assert (report.ingested, report.failed, report.skipped_existing) == (0, 0, 0)
     assert store.count("images") == 0
+
+
+def test_ingest_is_the_function_whichever_import_comes_first():
+    code = ("import edje_qdrant.ingestion.pipeline\nfrom edje_qdrant import ingest\n"
+            "from edje_qdrant.ingestion import ingest as direct\n"
+            "import edje_qdrant\nassert callable(ingest) and ingest is direct is edje_qdrant.ingest\n"
+            "print('ok')")
+    for program in (code, code.replace("import edje_qdrant.ingestion.pipeline\n", "", 1) + "\nimport "
+                    "edje_qdrant.ingestion.walk\nfrom edje_qdrant import ingest as again\nassert again is direct"):
+        out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_ingest_takes_the_store_and_model_forms_the_retriever_takes(tmp_path):
+    from edje_qdrant import Retriever
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        g.make_image(folder / f"p{i}.png", seed=40 + i)
+    store_dir = tmp_path / "store"
+    report = ingest(folder, str(store_dir), "tiny-random")  # a store folder path and a preset name
+    assert report.ingested == 3
+    with Retriever(str(store_dir)) as r:  # the path form again: the store was closed by ingest
+        assert len(r.search("anything", k=3, rerank_k=3)) == 3
+    missing = tmp_path / "nope"
+    with pytest.raises(InputError, match="does not exist"):
+        ingest(missing, str(tmp_path / "store2"), "tiny-random")
+    assert not (tmp_path / "store2").exists()  # the folder is checked before a store is created

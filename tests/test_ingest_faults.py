@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import imagegen as g
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.models.registry import load_model
 from edje_qdrant.store import open_store
 
@@ -200,7 +200,7 @@ def test_sigkill_mid_run_then_resume_without_duplicates_or_losses(tmp_path, mode
         import os, signal, sys
         sys.path.insert(0, {str(REPO / "tests")!r})
         from test_ingest_faults import HookedStore
-        from edje_qdrant.ingest import ingest
+        from edje_qdrant.ingestion import ingest
         from edje_qdrant.models.registry import load_model
         from edje_qdrant.store import open_store
 

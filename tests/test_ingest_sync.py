@@ -12,8 +12,8 @@ import pytest
 import imagegen as g
 from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import InputError
-from edje_qdrant.ingest import ingest, point_id
-from edje_qdrant.ingest.sync import Unreadable, relocate, under
+from edje_qdrant.ingestion import ingest, point_id
+from edje_qdrant.ingestion.sync import Unreadable, relocate, under
 from edje_qdrant.store import open_store
 
 

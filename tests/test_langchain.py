@@ -12,7 +12,7 @@ langchain_qdrant = pytest.importorskip("langchain_qdrant", reason=EXTRA)
 from qdrant_client import QdrantClient, models  # noqa: E402
 
 from edje_qdrant.errors import InputError  # noqa: E402
-from edje_qdrant.ingest import ingest  # noqa: E402
+from edje_qdrant.ingestion import ingest  # noqa: E402
 from edje_qdrant.integrations.langchain import EDJERetriever, EDJEReranker, EDJETextEmbeddings  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
 from edje_qdrant.store.server import ClientStore  # noqa: E402

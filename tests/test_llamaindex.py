@@ -10,7 +10,7 @@ pytest.importorskip("llama_index.core", reason="optional extra: pip install 'edj
 from llama_index.core.schema import ImageNode, NodeWithScore, TextNode  # noqa: E402
 
 from edje_qdrant.errors import InputError  # noqa: E402
-from edje_qdrant.ingest import ingest  # noqa: E402
+from edje_qdrant.ingestion import ingest  # noqa: E402
 from edje_qdrant.integrations.llamaindex import EDJERetriever, EDJEReranker  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
 from edje_qdrant.store import open_store  # noqa: E402

@@ -22,11 +22,11 @@ import imagegen as g
 from edje_qdrant.codec import decode_tokens
 from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import InputError
-from edje_qdrant.ingest import ingest, point_id
+from edje_qdrant.ingestion import ingest, point_id
 from edje_qdrant.store import open_store
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
-from edje_qdrant.ingest.distributed import RayOptions  # noqa: E402
+from edje_qdrant.ingestion.distributed import RayOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

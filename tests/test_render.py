@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from edje_qdrant.errors import InputError
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.render import plot_recall, thumbnail, write_grid, write_html
 from edje_qdrant.retriever import Retriever
 from edje_qdrant.store import open_store

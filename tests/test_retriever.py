@@ -10,7 +10,7 @@ from edje_qdrant.codec import decode_tokens
 
 from edje_qdrant.rules import TOKENS_KEY
 from edje_qdrant.errors import InputError, ModelMismatchError, StoreError
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.retriever import Retriever
 from edje_qdrant.store import open_store
 from edje_qdrant.store.base import PointRecord

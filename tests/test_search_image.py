@@ -11,7 +11,7 @@ from PIL import Image
 import imagegen as g
 from edje_qdrant.cli.main import main
 from edje_qdrant.errors import InputError
-from edje_qdrant.ingest import ingest
+from edje_qdrant.ingestion import ingest
 from edje_qdrant.retriever import Retriever
 from edje_qdrant.store import open_store
 

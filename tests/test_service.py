@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx", reason="the ASGI test client needs httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from edje_qdrant.errors import StoreError  # noqa: E402
-from edje_qdrant.ingest import ingest  # noqa: E402
+from edje_qdrant.ingestion import ingest  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
 from edje_qdrant.service import ServiceLimits, create_app  # noqa: E402
 from edje_qdrant.store import open_store  # noqa: E402

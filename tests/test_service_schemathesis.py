@@ -10,7 +10,7 @@ pytest.importorskip("fastapi", reason="optional extra: pip install 'edje-qdrant[
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from edje_qdrant.ingest import ingest  # noqa: E402
+from edje_qdrant.ingestion import ingest  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
 from edje_qdrant.service import ServiceLimits, create_app  # noqa: E402
 from edje_qdrant.store import open_store  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edje_qdrant.ingest.walk import WalkError, WalkItem, display_path, is_image_name, walk_images
+from edje_qdrant.ingestion.walk import WalkError, WalkItem, display_path, is_image_name, walk_images
 
 
 def touch(p: Path, data: bytes = b"x") -> Path:

@@ -36,6 +36,7 @@ from ..codec import DTYPES, encode_tokens
 
 from ..errors import CodecError, InputError
 from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
+from ..store import open_store
 from ..store.base import PointRecord
 from .decode import (
     DEFAULT_MAX_PIXELS,
@@ -121,12 +122,13 @@ def ingest(
     ray_options: Any = None,
 ) -> IngestReport:
     """Embed every image under ``folder`` into ``collection`` and keep the collection equal to the folder;
-    safe to re-run and to interrupt.
+    safe to re-run and to interrupt. ``store`` and ``model`` take the forms ``Retriever`` takes: a store folder
+    path, a ``QdrantClient`` or a Store; an ``EdjeModel``, a preset name or a model folder.
 
     Points whose content is no longer under ``folder`` (deleted files, the old content of a changed file) are
     removed, moved or renamed files keep their point with the new path; only points whose path is under
     ``folder`` are considered, and nothing is removed after an interrupted walk, a walk that found no image, or
-    with ``prune=False`` (see ``ingest.sync`` for the rules).
+    with ``prune=False`` (see ``ingestion.sync`` for the rules).
 
     ``executor="ray"`` spreads hashing and the model over a Ray cluster (``ray_options``: a
     ``distributed.RayOptions``; needs the ``ray`` extra), with the same ids, points and report.
@@ -139,10 +141,28 @@ def ingest(
     everything already upserted stays, and the interrupt is re-raised with the partial report attached
     as ``exc.ingest_report``.
     """
-    if executor != "local":
-        return _ingest_elsewhere(executor, ray_options, folder, store, model, collection, dtype=dtype,
-                                 batch_size=batch_size, workers=workers, errors_file=errors_file,
-                                 progress=progress, max_pixels=max_pixels, file_timeout=file_timeout, prune=prune)
+    _root(folder)  # before anything is opened or created
+    owned = isinstance(store, (str, os.PathLike))  # a folder path: this call opens the store and closes it
+    target = open_store(store)
+    try:
+        if isinstance(model, (str, os.PathLike)):
+            from ..models import load_model
+
+            model = load_model(os.fspath(model))
+        kwargs = dict(dtype=dtype, batch_size=batch_size, workers=workers, errors_file=errors_file,
+                      progress=progress, max_pixels=max_pixels, file_timeout=file_timeout, prune=prune)
+        if executor != "local":
+            return _ingest_elsewhere(executor, ray_options, folder, target, model, collection, **kwargs)
+        return _ingest_here(folder, target, model, collection, **kwargs)
+    finally:
+        if owned:
+            target.close()
+
+
+def _ingest_here(folder: Any, store: Any, model: Any, collection: str, *, dtype: str, batch_size: int | None,
+                 workers: int | None, errors_file: Any, progress: bool, max_pixels: int, file_timeout: float,
+                 prune: bool) -> IngestReport:
+    """The single-process pipeline (``ingest`` with ``executor="local"``)."""
     settings = _settings(folder, model, collection, dtype, batch_size, workers, max_pixels, file_timeout)
     spec = collection_spec(model, dtype)
     report = IngestReport()
@@ -173,11 +193,7 @@ def _positive_int(value: Any, name: str) -> int:
 
 def _settings(folder: Any, model: Any, collection: str, dtype: str, batch_size: int | None, workers: int | None,
               max_pixels: int, file_timeout: float) -> _Settings:
-    root = Path(os.path.abspath(os.fspath(folder)))
-    if not root.exists():
-        raise InputError(f"ingest folder {display_path(root)} does not exist; pass an existing directory of images")
-    if not root.is_dir():
-        raise InputError(f"ingest folder {display_path(root)} is not a directory; pass the folder that holds the images")
+    root = _root(folder)
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     bs = _positive_int(batch_size if batch_size is not None else int(model.image_batch_size), "batch_size")
@@ -186,6 +202,16 @@ def _settings(folder: Any, model: Any, collection: str, dtype: str, batch_size: 
     if isinstance(file_timeout, bool) or not isinstance(file_timeout, (int, float)) or not file_timeout > 0:
         raise InputError(f"file_timeout must be a positive number of seconds, got {file_timeout!r}")
     return _Settings(root, collection, dtype, bs, nw, max_pixels, float(file_timeout), draft_size_for(model.vision))
+
+
+def _root(folder: Any) -> Path:
+    """The ingest folder as an absolute path; InputError when it is missing or not a directory."""
+    root = Path(os.path.abspath(os.fspath(folder)))
+    if not root.exists():
+        raise InputError(f"ingest folder {display_path(root)} does not exist; pass an existing directory of images")
+    if not root.is_dir():
+        raise InputError(f"ingest folder {display_path(root)} is not a directory; pass the folder that holds the images")
+    return root
 
 
 def default_workers() -> int:
