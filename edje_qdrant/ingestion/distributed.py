@@ -99,27 +99,14 @@ def import_ray() -> Any:
     return ray
 
 
-def ingest_on_ray(
-    folder: str | os.PathLike[str],
-    store: Any,
-    model: Any,
-    collection: str = "images",
-    *,
-    dtype: str = "fp16",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    errors_file: str | os.PathLike[str] | None = None,
-    progress: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    file_timeout: float = DEFAULT_FILE_TIMEOUT,
-    prune: bool = True,
-    options: RayOptions | None = None,
-) -> IngestReport:
-    """``ingest`` with the work spread over Ray (see the module docstring); same report, same errors file.
-
-    ``workers`` here means decode threads inside each actor (as in the local pipeline); the number of actors
-    is ``options.workers``. The collection is synced with the folder afterwards exactly as ``ingest`` does.
-    """
+def ingest_on_ray(folder: str | os.PathLike[str], store: Any, model: Any, collection: str = "images", *,
+                  options: RayOptions | None = None, workers: int | None = None, dtype: str = "fp16",
+                  batch_size: int | None = None, errors_file: str | os.PathLike[str] | None = None,
+                  progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  file_timeout: float = DEFAULT_FILE_TIMEOUT, prune: bool = True) -> IngestReport:
+    """``ingest(..., executor="ray")``: the same arguments, report and errors file, with the work spread over Ray
+    (see the module docstring). ``workers`` here means decode threads inside each actor; the number of actors is
+    ``options.workers``. The collection is synced with the folder afterwards exactly as ``ingest`` does."""
     opts = options or RayOptions()
     ray = import_ray()
     threads = workers if workers is not None else opts.decode_threads
