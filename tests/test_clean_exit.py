@@ -25,6 +25,26 @@ def test_shutdown_waits_for_every_worker():
     assert not [t for t in threading.enumerate() if t.name.startswith("t-exit")]
 
 
+def test_an_idle_worker_holds_no_reference_to_its_last_task():
+    """The crash of issue 12: a daemon worker held its last task (args: the model) while idle; at interpreter
+    shutdown it dropped that last reference and freed torch tensors in a dying thread -> SIGABRT."""
+    import gc
+    import weakref
+
+    class Model:  # stands in for the EdjeModel passed to every decode task
+        pass
+
+    pool = TaskPool(2, name="t-refs")
+    model = Model()
+    tasks = [pool.submit(lambda m, i: i, model, i) for i in range(4)]
+    assert [pool.wait(t, 5.0) for t in tasks] == [0, 1, 2, 3]
+    ref = weakref.ref(model)
+    del model, tasks
+    gc.collect()
+    assert ref() is None, "an idle worker still references a finished task's arguments"
+    pool.shutdown()
+
+
 def test_shutdown_cancels_queued_work_and_still_joins():
     pool = TaskPool(1, name="t-cancel")
     first = pool.submit(time.sleep, 0.2)

@@ -81,9 +81,15 @@ class TaskPool:
                 task.future.set_exception(exc)
             else:
                 task.future.set_result(result)
+            result = None
             with self._lock:
-                if task.abandoned:  # a replacement worker already runs in our place
-                    return
+                abandoned = task.abandoned
+            # Hold nothing while idle: a task's args (the model) must never be freed in this thread. If its last
+            # reference went here after the interpreter began shutting down, freeing the torch tensors would
+            # abort the process ("terminate called without an active exception", rc 134).
+            task = None
+            if abandoned:  # a replacement worker already runs in our place
+                return
 
     def wait(self, task: Task, limit: float) -> Any:
         """The task's result; its exception; UnusableFile(kind="timeout") past ``limit`` s of running;
