@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -62,3 +63,41 @@ def demo_folder(tmp_path_factory) -> Path:
         demo.draw(shape, demo.COLOURS[colour], demo.BACKGROUNDS["white"], rng).resize((64, 64)).save(path)
         (folder / f"{path.name}.txt").write_text(f"a {colour} {shape}")
     return out
+
+
+# --------------------------------------------------------------------------- a real Qdrant server
+def _docker_answers() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def server():
+    """(client, url label): QDRANT_URL first, then a throwaway container, else skip with the reason."""
+    from qdrant_client import QdrantClient
+
+    url = os.environ.get("QDRANT_URL")
+    if url:
+        client = QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"), prefer_grpc=True)
+        yield client, url
+        client.close()
+        return
+    if not _docker_answers():
+        pytest.skip("no Qdrant server: QDRANT_URL is not set and no Docker daemon answers `docker info`")
+    try:
+        from testcontainers.qdrant import QdrantContainer
+
+        container = QdrantContainer()
+        container.start()
+    except Exception as e:  # no image and no network, etc.
+        pytest.skip(f"could not start a Qdrant container: {type(e).__name__}: {e}")
+    try:
+        host = container.get_container_host_ip()
+        rest, grpc_port = int(container.exposed_rest_port), int(container.exposed_grpc_port)
+        client = QdrantClient(host=host, port=rest, grpc_port=grpc_port, prefer_grpc=True)
+        yield client, f"http://{host}:{rest}"
+        client.close()
+    finally:
+        container.stop()

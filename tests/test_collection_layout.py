@@ -14,7 +14,6 @@ from edje_qdrant.errors import InputError
 from edje_qdrant.store import open_store
 from edje_qdrant.store.base import CollectionSpec
 from edje_qdrant.store.server import ClientStore, CollectionOptions, create_collection_args
-from test_store_server import server  # noqa: F401  (fixture: QDRANT_URL, else a Docker container, else skip)
 
 SPEC = CollectionSpec(dim=8, model="tiny-random", fingerprint="tiny-random/abc", codec="edje-tokens/v1/fp16/64x384")
 FULL = CollectionOptions(shards=6, replication=2, on_disk_payload=True, on_disk_vectors=True, on_disk_index=True,
