@@ -12,10 +12,11 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictStr, WithJsonSchema, create_model
 from pydantic_core import PydanticCustomError
 
-from edje_qdrant.rules import FILTER_DATE_KEYS, FILTER_TEXT_KEYS, NOT_BLANK_PATTERN, QueryLimits
+from edje_qdrant.rules import NOT_BLANK_PATTERN, QueryLimits
 
 MAX_FILTER_ITEMS = 16  # values in a filter list / conditions in a filter clause (keeps bodies small)
 MAX_FILTER_TEXT = 256  # characters of one filter value
+
 
 def whole_number(low: int, high: int, description: str) -> Any:
     """An integer field between ``low`` and ``high`` as JSON Schema counts integers: 3 and 3.0 are integers,
@@ -52,8 +53,6 @@ def bounded_number(low: float, high: float) -> Any:
                                                                     "maximum": high})]
 
 
-
-
 Text = Annotated[StrictStr, Field(max_length=MAX_FILTER_TEXT)]
 Int64 = whole_number(-(2**63), 2**63 - 1, "")
 Number = bounded_number(-1e15, 1e15)
@@ -74,9 +73,6 @@ class SmallFilter(BaseModel):
     mime: Optional[TextOrList] = Field(None, description="metadata.mime, e.g. image/jpeg")
     taken_after: Optional[When] = Field(None, description="metadata.taken_at >= this ISO date or datetime")
     taken_before: Optional[When] = Field(None, description="metadata.taken_at < this ISO date or datetime")
-
-
-assert set(SmallFilter.model_fields) == set(FILTER_TEXT_KEYS) | set(FILTER_DATE_KEYS)  # the rules' filter keys
 
 
 class MatchValue(BaseModel):
@@ -124,8 +120,8 @@ class QdrantFilter(BaseModel):
 
 def search_request_model(limits: QueryLimits) -> type[BaseModel]:
     """The body of POST /search under ``limits`` (defaults k=10, rerank_k=100, lowered to the limits)."""
-    k_default = min(10, limits.max_k)
-    rerank_default = max(min(100, limits.max_rerank_k), k_default)
+    rerank_default = min(100, limits.max_rerank_k)
+    k_default = min(10, limits.max_k, rerank_default or limits.max_k)  # a default pair the limits accept
     fields: dict[str, Any] = {
         "query": (StrictStr, Field(min_length=1, max_length=limits.max_query_chars, pattern=NOT_BLANK_PATTERN,
                                    description="Text to search for (not blank).")),

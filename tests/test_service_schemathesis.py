@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from edje_qdrant.ingestion import ingest  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
+from edje_qdrant.rules import FILTER_KEYS  # noqa: E402
 from edje_qdrant.service import ServiceLimits, create_app  # noqa: E402
 from edje_qdrant.store import open_store  # noqa: E402
 
@@ -71,6 +72,15 @@ def test_every_request_is_answered_as_the_schema_says(api_schema, path, mode):
     assert calls
 
 
+def test_defaults_fit_any_limits():
+    from edje_qdrant.http_schema import search_request_model
+
+    for limits in (ServiceLimits(max_k=3, max_rerank_k=2), ServiceLimits(max_rerank_k=0), ServiceLimits()):
+        body = search_request_model(limits)(query="a dog")
+        assert 1 <= body.k <= limits.max_k and 0 <= body.rerank_k <= limits.max_rerank_k
+        assert body.rerank_k == 0 or body.k <= body.rerank_k
+
+
 def test_schema_states_the_limits(app):
     from fastapi.testclient import TestClient
 
@@ -81,4 +91,4 @@ def test_schema_states_the_limits(app):
     assert request["k"]["maximum"] == LIMITS.max_k and request["rerank_k"]["maximum"] == LIMITS.max_rerank_k
     small = spec["components"]["schemas"]["SmallFilter"]
     assert small["additionalProperties"] is False
-    assert set(small["properties"]) == {"folder", "camera", "mime", "taken_after", "taken_before"}
+    assert set(small["properties"]) == set(FILTER_KEYS)  # the rules' filter keys, no more
