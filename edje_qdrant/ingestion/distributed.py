@@ -25,14 +25,13 @@ import msgpack
 import numpy as np
 
 from ..codec import encode_tokens
-
 from ..errors import CodecError, InputError
 from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
 from ..store.base import CollectionSpec, PointRecord
 from .decode import DEFAULT_MAX_PIXELS, UnusableFile, register_plugins
 from .pipeline import (
     DEFAULT_FILE_TIMEOUT,
-    caption_of,
+    RunBase,
     IngestReport,
     _ErrorLog,
     _guarded,
@@ -43,7 +42,6 @@ from .pipeline import (
     _Settings,
 )
 from .pool import HASH_PRIORITY, TaskPool
-from .sync import Unreadable, sync_collection
 from .walk import WalkError, WalkItem, display_path, walk_images
 
 log = logging.getLogger(__name__)
@@ -298,29 +296,23 @@ def _point(p: _Prepared, vec: np.ndarray, tok: np.ndarray, dtype: str,
 # -------------------------------------------------------------------------------------------- driver
 
 
-class _RayRun:
+class _RayRun(RunBase):
+    label = "ingest on Ray"
+
     def __init__(self, ray: Any, s: _Settings, spec: CollectionSpec, store: Any, model: Any, report: IngestReport,
                  errors: _ErrorLog, opts: RayOptions, connection: dict[str, Any] | None, progress: bool,
                  prune: bool = True) -> None:
+        super().__init__(s, store, model, report, errors, prune)
         self.ray = ray
-        self.s = s
         self.spec = spec
-        self.store = store
-        self.model = model
-        self.report = report
-        self.errors = errors
         self.opts = opts
         self.connection = connection
-        self.bar: Any = None
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(desc="ingest (ray)", unit="img", dynamic_ncols=True)
         self.written: set[str] = set()
         self.pending: list[PointRecord] = []
-        self.prune = prune
-        self.found: dict[str, list[dict[str, str]]] = {}  # point id -> where this walk met its content
-        self.unreadable = Unreadable()
 
     def execute(self) -> IngestReport:
         t0 = time.monotonic()
@@ -331,29 +323,14 @@ class _RayRun:
             if todo:
                 self._embed(todo)
             self._write()
-            sync_collection(self.store, self.s.collection, self.s.root, self.found, self.unreadable, self.prune,
-                            self.report, caption_of)
+            self._sync()
         except BaseException as exc:
-            self._finish(t0)
-            if isinstance(exc, KeyboardInterrupt):
-                self.report.interrupted = True
-                exc.ingest_report = self.report  # type: ignore[attr-defined]
-                log.info("ingest interrupted after %d new, %d already stored, %d failed; re-run to resume",
-                         self.report.ingested, self.report.skipped_existing, self.report.failed)
+            self._failed_run(exc, t0)
             raise
         finally:
             if self.bar is not None:
                 self.bar.close()
-        self._finish(t0)
-        r = self.report
-        log.info("ingest on Ray %s: %d new, %d already stored, %d duplicates, %d failed in %.1f s (%.1f img/s)",
-                 display_path(self.s.root), r.ingested, r.skipped_existing, r.duplicates, r.failed, r.seconds,
-                 r.images_per_s)
-        return r
-
-    def _finish(self, t0: float) -> None:
-        self.report.seconds = round(time.monotonic() - t0, 3)
-        self.report.images_per_s = round(self.report.ingested / self.report.seconds, 2) if self.report.seconds else 0.0
+        return self._done(t0)
 
     def _tick(self, n: int = 1) -> None:
         if self.bar is not None:

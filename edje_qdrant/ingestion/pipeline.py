@@ -33,7 +33,6 @@ from typing import Any, TextIO
 import numpy as np
 
 from ..codec import DTYPES, encode_tokens
-
 from ..errors import CodecError, InputError
 from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
 from ..store import open_store
@@ -319,25 +318,65 @@ def _prepare(item: WalkItem, model: Any, s: _Settings) -> _Prepared:
     return _Prepared(id=point_id(sha), pixels=pixels, page_content=page_content, metadata=metadata)
 
 
-class _Run:
+class RunBase:
+    """What every executor keeps while it runs (settings, store, model, report, errors file, where the walk met
+    each content and what it could not read, the progress bar) and does alike: timing, the folder sync, the
+    report on an interrupt and the closing log line."""
+
+    label = "ingest"
+
     def __init__(self, s: _Settings, store: Any, model: Any, report: IngestReport, errors: _ErrorLog,
-                 progress: bool, prune: bool) -> None:
+                 prune: bool) -> None:
         self.s = s
         self.store = store
         self.model = model
         self.report = report
         self.errors = errors
-        self.progress = progress
         self.prune = prune
-        self.seen: set[str] = set()
         self.found: dict[str, list[dict[str, str]]] = {}  # point id -> where this walk met its content
         self.unreadable = Unreadable()
+        self.bar: Any = None
+
+    def _finish(self, t0: float) -> None:
+        self.report.seconds = round(time.monotonic() - t0, 3)
+        self.report.images_per_s = round(self.report.ingested / self.report.seconds, 2) if self.report.seconds else 0.0
+
+    def _sync(self) -> None:
+        """After a complete walk and every upsert: new paths first, then delete the stale points."""
+        sync_collection(self.store, self.s.collection, self.s.root, self.found, self.unreadable, self.prune,
+                        self.report, caption_of)
+
+    def _failed_run(self, exc: BaseException, t0: float) -> None:
+        """Before re-raising: the partial report, attached to a KeyboardInterrupt for the caller."""
+        self.report.interrupted = isinstance(exc, KeyboardInterrupt)
+        self._finish(t0)
+        if isinstance(exc, KeyboardInterrupt):
+            exc.ingest_report = self.report  # type: ignore[attr-defined]
+            r = self.report
+            # info, not warning: the caller gets the interrupt with the report and tells the user itself
+            log.info("ingest interrupted after %d new, %d already stored, %d failed; re-run to resume",
+                     r.ingested, r.skipped_existing, r.failed)
+
+    def _done(self, t0: float) -> IngestReport:
+        self._finish(t0)
+        r = self.report
+        log.info("%s %s: %d new, %d already stored, %d duplicates, %d failed, %d removed, %d moved in %.1f s "
+                 "(%.1f img/s)", self.label, display_path(self.s.root), r.ingested, r.skipped_existing,
+                 r.duplicates, r.failed, r.removed, r.moved, r.seconds, r.images_per_s)
+        return r
+
+
+class _Run(RunBase):
+    def __init__(self, s: _Settings, store: Any, model: Any, report: IngestReport, errors: _ErrorLog,
+                 progress: bool, prune: bool) -> None:
+        super().__init__(s, store, model, report, errors, prune)
+        self.progress = progress
+        self.seen: set[str] = set()
         self.batch: list[_Prepared] = []
         self.stop = threading.Event()
         # Chunks of (item, sha or UnusableFile) from the producer; small so it stays close ahead.
         self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
         self.pool = TaskPool(s.workers)
-        self.bar: Any = None
 
     # -- producer thread ------------------------------------------------------------------------
     def _put(self, msg: tuple[str, Any]) -> bool:
@@ -397,14 +436,7 @@ class _Run:
             self._consume()
             self._sync()
         except BaseException as exc:
-            self.report.interrupted = isinstance(exc, KeyboardInterrupt)
-            self._finish(t0)
-            if isinstance(exc, KeyboardInterrupt):
-                exc.ingest_report = self.report  # type: ignore[attr-defined]
-                r = self.report
-                # info, not warning: the caller gets the interrupt with the report and tells the user itself
-                log.info("ingest interrupted after %d new, %d already stored, %d failed; re-run to resume",
-                            r.ingested, r.skipped_existing, r.failed)
+            self._failed_run(exc, t0)
             raise
         finally:
             self.stop.set()
@@ -414,18 +446,7 @@ class _Run:
             self.errors.close()
             if self.bar is not None:
                 self.bar.close()
-        self._finish(t0)
-        log.info(
-            "ingest %s: %d new, %d already stored, %d duplicates, %d failed, %d removed, %d moved in %.1f s "
-            "(%.1f img/s)", display_path(self.s.root), self.report.ingested, self.report.skipped_existing,
-            self.report.duplicates, self.report.failed, self.report.removed, self.report.moved, self.report.seconds,
-            self.report.images_per_s,
-        )
-        return self.report
-
-    def _finish(self, t0: float) -> None:
-        self.report.seconds = round(time.monotonic() - t0, 3)
-        self.report.images_per_s = round(self.report.ingested / self.report.seconds, 2) if self.report.seconds else 0.0
+        return self._done(t0)
 
     def _tick(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -537,12 +558,6 @@ class _Run:
         self.unreadable.files.add(display_path(path))
         self.errors.add(path, exc.reason, exc.error_type, exc.kind)
         self._tick()
-
-    # -- sync ---------------------------------------------------------------------------------------
-    def _sync(self) -> None:
-        """After a complete walk and every upsert: new paths first, then delete the stale points."""
-        sync_collection(self.store, self.s.collection, self.s.root, self.found, self.unreadable, self.prune,
-                        self.report, caption_of)
 
 
 _POLL_PUT = 0.2
