@@ -226,3 +226,20 @@ def test_ingest_takes_the_store_and_model_forms_the_retriever_takes(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         ingest(missing, str(tmp_path / "store2"), "tiny-random")
     assert not (tmp_path / "store2").exists()  # the folder is checked before a store is created
+
+
+def test_a_ctrl_c_during_a_batch_write_is_raised_after_the_batch_is_counted():
+    import os
+    import signal
+    import time
+
+    from edje_qdrant.ingestion.pipeline import interrupt_after
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_after():
+            os.kill(os.getpid(), signal.SIGINT)  # lands while the batch is being written
+            time.sleep(0.05)
+            steps.append("stored and counted")
+    assert steps == ["stored and counted"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back

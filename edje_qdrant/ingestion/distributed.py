@@ -441,8 +441,7 @@ class _RayRun(RunBase):
         if not self.pending:
             return
         points, self.pending = self.pending, []
-        self.store.upsert(self.s.collection, points)
-        self.report.ingested += len(points)
+        self._store(points)
         self._tick(len(points))
         if self.opts.on_batch is not None:
             self.opts.on_batch(self.report)

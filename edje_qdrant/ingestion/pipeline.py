@@ -23,12 +23,14 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 import numpy as np
 
@@ -318,6 +320,26 @@ def _prepare(item: WalkItem, model: Any, s: _Settings) -> _Prepared:
     return _Prepared(id=point_id(sha), pixels=pixels, page_content=page_content, metadata=metadata)
 
 
+@contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Hold a SIGINT that arrives inside the block and raise it (KeyboardInterrupt) when the block ends. Only the
+    main thread can change signal handlers; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(*caught[0])
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
 class RunBase:
     """What every executor keeps while it runs (settings, store, model, report, errors file, where the walk met
     each content and what it could not read, the progress bar) and does alike: timing, the folder sync, the
@@ -336,6 +358,13 @@ class RunBase:
         self.found: dict[str, list[dict[str, str]]] = {}  # point id -> where this walk met its content
         self.unreadable = Unreadable()
         self.bar: Any = None
+
+    def _store(self, points: list[PointRecord]) -> None:
+        """Upsert a batch and count it as one step: a Ctrl-C that lands meanwhile is raised right after, so the
+        report never misses a batch that was stored (nor counts one that was not)."""
+        with interrupt_after():
+            self.store.upsert(self.s.collection, points)
+            self.report.ingested += len(points)
 
     def _finish(self, t0: float) -> None:
         self.report.seconds = round(time.monotonic() - t0, 3)
@@ -549,8 +578,7 @@ class _Run(RunBase):
             points.append(PointRecord(id=p.id, vector=[float(x) for x in vec], payload=payload))
             self.found.setdefault(p.id, list(p.metadata[LOCATIONS_KEY]))  # content changed after hashing
         if points:
-            self.store.upsert(self.s.collection, points)
-            self.report.ingested += len(points)
+            self._store(points)
             self._tick(len(points))
 
     def _failed(self, path: Path, exc: UnusableFile) -> None:
