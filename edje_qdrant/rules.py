@@ -22,7 +22,6 @@ MODEL_KEY = "edje_model"  # fingerprint of the model that wrote the point
 PAGE_CONTENT_KEY = "page_content"  # caption (NAME.txt beside the image) or the file name; LangChain's field
 METADATA_KEY = "metadata"  # path, size, EXIF... (LangChain's field)
 SOURCE_KEY = "source"  # metadata: the image's path (the first of its locations)
-FOLDER_KEY = "folder"  # metadata: the folder it was ingested from, relative to the ingest root
 LOCATIONS_KEY = "locations"  # metadata: every path this content was found at ([{source, folder}])
 RESULT_PAYLOAD_KEYS = (PAGE_CONTENT_KEY, METADATA_KEY)  # what a search result carries
 POINT_NAMESPACE = uuid.UUID("6f1c2b0e-5d3a-4e8f-9a47-3b2d8c1e7f05")  # never change: it names every stored point
@@ -140,9 +139,9 @@ def _is_int(value: Any) -> bool:
 # ------------------------------------------------------------------------------------------------ filters
 # The small filter form: {"folder": ..., "taken_after": "2024-01-01", "taken_before": ..., "camera": ..., "mime": ...}
 # (store/filters.py turns it into each engine's filter). Anything else is a Qdrant Filter (must/should/must_not).
+# folder/camera/mime: a string, or a non-empty list meaning "any of"; taken_after/taken_before: an ISO date or
+# datetime (taken_after inclusive, taken_before exclusive).
 FILTER_KEYS = ("folder", "taken_after", "taken_before", "camera", "mime")
-FILTER_TEXT_KEYS = ("folder", "camera", "mime")  # a string, or a non-empty list meaning "any of"
-FILTER_DATE_KEYS = ("taken_after", "taken_before")  # ISO date or datetime (taken_after inclusive, before exclusive)
 FILTER_CLAUSES = ("must", "should", "must_not", "min_should")
 
 

@@ -11,13 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-SCORE_VOCABULARY = (
-    "score: what the results are sorted by = rerank_score + fusion_weight x first_stage_score when re-ranked, "
-    "first_stage_score when not (rerank_k 0, or a hit whose re-ranking failed). first_stage_score: cosine "
-    "similarity of the ANN search. rerank_score: the joint encoder's logit (None when not re-ranked). "
-    "fusion_weight belongs to the model (0 for models without fusion)."
-)
-
 
 def fused_score(rerank_score: float, first_stage_score: float, fusion_weight: float) -> float:
     """``score`` of a re-ranked hit."""

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 from edje_qdrant.errors import InputError
 from edje_qdrant.rules import FILTER_KEYS
 
-ALLOWED_KEYS = FILTER_KEYS
 _MATCH_FIELDS = {
     "folder": ("metadata.folder",),
     "camera": ("metadata.camera", "metadata.camera_model", "metadata.camera_make"),
@@ -35,7 +34,7 @@ def _is_client_filter(obj: Any) -> bool:
 
 def _bad_type(filter: Any) -> InputError:
     return InputError(
-        f"filter must be a qdrant_client.models.Filter or a dict with keys {', '.join(ALLOWED_KEYS)}; "
+        f"filter must be a qdrant_client.models.Filter or a dict with keys {', '.join(FILTER_KEYS)}; "
         f"got {type(filter).__name__}"
     )
 
@@ -64,10 +63,10 @@ def build_filter(filter: Any) -> Any:
 def parse_dict(d: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...], Any, Any]]:
     """Validate the dict form into engine-neutral parts: ("match", fields, str|list, None) or
     ("datetime", (field,), gte|None, lt|None)."""
-    unknown = sorted(str(k) for k in d if k not in ALLOWED_KEYS)
+    unknown = sorted(str(k) for k in d if k not in FILTER_KEYS)
     if unknown:
         raise InputError(
-            f"unknown filter key(s) {', '.join(unknown)}; allowed keys: {', '.join(ALLOWED_KEYS)} "
+            f"unknown filter key(s) {', '.join(unknown)}; allowed keys: {', '.join(FILTER_KEYS)} "
             "(or pass a qdrant_client.models.Filter for anything else)"
         )
     parts: list[tuple[str, tuple[str, ...], Any, Any]] = []
