@@ -6,13 +6,15 @@ forms), so a request the schema accepts is one the service accepts. The one rule
 """
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictStr, WithJsonSchema, create_model
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictStr, ValidationInfo,
+                      WithJsonSchema, create_model)
 from pydantic_core import PydanticCustomError
 
+from edje_qdrant.errors import InputError
 from edje_qdrant.rules import NOT_BLANK_PATTERN, QueryLimits
+from edje_qdrant.store.filters import parse_when
 
 MAX_FILTER_ITEMS = 16  # values in a filter list / conditions in a filter clause (keeps bodies small)
 MAX_FILTER_TEXT = 256  # characters of one filter value
@@ -59,7 +61,22 @@ Number = bounded_number(-1e15, 1e15)
 PayloadKey = Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,3}$",
                                         description="a payload key such as metadata.folder")]
 TextOrList = Union[Text, Annotated[list[Text], Field(min_length=1, max_length=MAX_FILTER_ITEMS)]]
-When = Union[dt.date, dt.datetime]
+
+
+def _when(value: Any, info: ValidationInfo) -> str:
+    """ISO date or datetime text, checked by the same parser the stores use (a JSON number is not a date); kept
+    as text, which ``store.filters`` reads."""
+    if not isinstance(value, str):
+        raise PydanticCustomError("date_type", "Input should be an ISO date or datetime string")
+    try:
+        parse_when(info.field_name or "date", value)
+    except InputError as exc:
+        raise PydanticCustomError("date_parsing", str(exc)) from None
+    return value
+
+
+When = Annotated[str, PlainValidator(_when), WithJsonSchema(
+    {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]})]
 
 _STRICT = ConfigDict(extra="forbid")
 

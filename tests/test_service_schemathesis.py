@@ -63,7 +63,7 @@ def test_every_request_is_answered_as_the_schema_says(api_schema, path, mode):
             return
         if mode == "negative":  # 4xx, where 413 (body over the byte cap, which OpenAPI cannot state) counts too
             response = case.call()
-            assert 400 <= response.status_code < 500, response.text[:500]
+            assert 400 <= response.status_code < 500, (case.body, response.text[:500])
             case.validate_response(response, excluded_checks=[negative_data_rejection])
             return
         case.call_and_validate()  # every check schemathesis has

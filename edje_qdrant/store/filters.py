@@ -82,13 +82,14 @@ def parse_dict(d: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...], Any, An
             raise InputError(f"filter {key!r} must be a string or a non-empty list of strings, got {value!r}")
     after, before = d.get("taken_after"), d.get("taken_before")
     if after is not None or before is not None:
-        gte = _parse_when("taken_after", after) if after is not None else None
-        lt = _parse_when("taken_before", before) if before is not None else None
+        gte = parse_when("taken_after", after) if after is not None else None
+        lt = parse_when("taken_before", before) if before is not None else None
         parts.append(("datetime", (TAKEN_AT,), gte, lt))
     return parts
 
 
-def _parse_when(key: str, value: Any) -> dt.datetime | dt.date:
+def parse_when(key: str, value: Any) -> dt.datetime | dt.date:
+    """A ``taken_after`` / ``taken_before`` value: a date or datetime, or its ISO text (a number is not a date)."""
     if isinstance(value, (dt.datetime, dt.date)):
         return value
     if isinstance(value, str):
