@@ -52,11 +52,6 @@ def open_store_from(store: str, url: str | None, api_key: str | None, *, create:
                       collection_options=collection_options)
 
 
-def extra_hint(extra: str) -> str:
-    """The two install commands of an optional extra: from PyPI, and from a checkout of the repository."""
-    return f"pip install 'edje-qdrant[{extra}]' (from a checkout: pip install -e \".[{extra}]\")"
-
-
 def library_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn EdjeError into a one-line `Error: ...` and exit code 1 (no traceback)."""
 

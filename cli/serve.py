@@ -6,7 +6,9 @@ from typing import Any
 
 import click
 
-from .options import extra_hint, library_errors, model_options, open_store_from, store_options
+from edje_qdrant.errors import install_hint
+
+from .options import library_errors, model_options, open_store_from, store_options
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -39,7 +41,7 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
 
         from edje_qdrant.service import ServiceLimits, create_app
     except ImportError as exc:
-        raise click.ClickException(f"{exc}. The service needs the `service` extra: {extra_hint('service')}") from None
+        raise click.ClickException(f"{exc}. The service needs the `service` extra: {install_hint('service')}") from None
     from edje_qdrant.retriever import Retriever
 
     def factory() -> Retriever:

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+def install_hint(extra: str) -> str:
+    """The two install commands of an optional extra: from PyPI, and from a checkout of the repository."""
+    return f"pip install 'edje-qdrant[{extra}]' (from a checkout: pip install -e \".[{extra}]\")"
+
+
 class EdjeError(Exception):
     """Base class of every error raised on purpose by edje-qdrant."""
 

@@ -124,10 +124,10 @@ def test_ingest_still_creates_its_store(tmp_path, demo_folder):
 
 
 def test_serve_hint_names_both_install_commands():
-    from edje_qdrant.cli.options import extra_hint
+    from edje_qdrant.errors import install_hint
     from edje_qdrant.integrations import require
 
-    hint = extra_hint("service")
+    hint = install_hint("service")
     assert "pip install 'edje-qdrant[service]'" in hint and 'pip install -e ".[service]"' in hint
     with pytest.raises(ImportError) as info:
         require("a_module_that_is_not_there", "langchain")

@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 
 from ..codec import encode_tokens
-from ..errors import CodecError, InputError
+from ..errors import CodecError, InputError, install_hint
 from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
 from ..store.base import CollectionSpec, PointRecord
 from .decode import DEFAULT_MAX_PIXELS, UnusableFile, register_plugins
@@ -46,7 +46,6 @@ from .walk import WalkError, WalkItem, display_path, walk_images
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'edje-qdrant[ray]' (from a checkout: pip install -e \".[ray]\")"
 _CHECK_CHUNK = 1024  # ids per store.existing_ids call
 _HASH_BATCH = 64  # files per hashing task
 
@@ -93,7 +92,7 @@ def import_ray() -> Any:
         import ray.data  # noqa: F401  (the extra installs ray[data]; plain `ray` lacks pyarrow/pandas)
     except ImportError as exc:
         raise RayUnavailableError(f"distributed ingest needs Ray (Ray Data), which is not installed ({exc}); "
-                                  f"install it with: {INSTALL_HINT}") from None
+                                  f"install it with: {install_hint('ray')}") from None
     return ray
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from edje_qdrant.errors import install_hint
 from edje_qdrant.rules import canonical_id
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,8 +24,7 @@ def require(module: str, extra: str) -> None:
         importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"{module} is not installed; install the optional extra `{extra}` with: pip install 'edje-qdrant[{extra}]'"
-            f" (from a checkout of the repository: pip install -e \".[{extra}]\")"
+            f"{module} is not installed; install the optional extra `{extra}` with: {install_hint(extra)}"
         ) from exc
 
 
