@@ -384,10 +384,14 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, text
                    "split's.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG plot of recall against rerank_k.")
+@click.option("--binding", is_flag=True,
+              help="The binding benchmark instead: true caption vs counterfeit (colour, person, count, roles) "
+                   "three ways, R@1 of the queries naming a colour or a person, top-1/top-5 change rates; "
+                   "rerank_k is the largest --rerank-k.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @library_errors
 def eval_command(captions: Path, images: Path, split: str, model: str, device: str | None, rerank_ks: str,
-                 dtype: str, eval_store: str | None, max_queries: int | None, plot: Path | None,
+                 dtype: str, eval_store: str | None, max_queries: int | None, plot: Path | None, binding: bool,
                  as_json: bool) -> None:
     """Recall@1/5/10 (text->image, image->text), first stage and re-ranked, through ingest + Retriever.
 
@@ -403,6 +407,14 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
     except ValueError:
         raise InputError(f"--rerank-k must be comma-separated integers, got {rerank_ks!r}") from None
     bar = _progress_bar(not as_json)
+    if binding:
+        from edje_qdrant.binding import evaluate_binding
+
+        report = evaluate_binding(captions, images, split, load_model(model, device=device), rerank_k=max(ks),
+                                  store_path=eval_store, dtype=dtype, max_queries=max_queries, progress=bar)
+        bar.close()
+        click.echo(json.dumps(report) if as_json else _binding_text(report))
+        return
     out = evaluate(captions, images, split, load_model(model, device=device), rerank_ks=ks, store_path=eval_store,
                    dtype=dtype, max_queries=max_queries, progress=bar)
     bar.close()
@@ -416,6 +428,38 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
         click.echo(json.dumps(out))
         return
     _print_eval(split, out)
+
+
+def _ci(entry: dict, key: str = "percent") -> str:
+    """'75.1 [72.0, 78.3]' from a value with its 95 % interval."""
+    lo, hi = entry["ci95"]
+    sign = "+" if key == "points" else ""
+    return f"{entry[key]:{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]"
+
+
+def _binding_text(report: dict) -> str:
+    """The plain-text binding report."""
+    lines = [f"split {report['split']}: true caption vs counterfeit, accuracy % [95 % interval]; re-ranked = "
+             f"logit + {report['fusion_weight']:g} x cosine, rerank_k {report['rerank_k']}",
+             f"{'kind':17s}{'pairs':>6s}  {'first stage':20s}{'re-ranked':20s}{'change (points)':22s}{'prior':18s}"]
+    for kind, row in report["binding"].items():
+        lines.append(f"{kind:17s}{row['pairs']:6d}  {_ci(row['first_stage']):20s}{_ci(row['reranked']):20s}"
+                     f"{_ci(row['delta'], 'points'):22s}{_ci(row['prior']):18s}")
+    for name, row in report["attribute_queries"].items():
+        if row["queries"]:
+            lines.append(f"T2I R@1, queries naming {name.replace('_', ' ')} ({row['queries']}): first stage "
+                         f"{row['first_stage_r1']:.1f}, re-ranked {row['reranked_r1']:.1f}, change "
+                         f"{_ci(row['delta_r1'], 'points')}")
+    for name, row in report["changes"].items():
+        if row["queries"]:
+            lines.append(f"re-ranking changes the top 1 of {_ci(row['top1_changed'])} % and the top 5 of "
+                         f"{_ci(row['top5_changed'])} % of {name.replace('_', ' ')} queries ({row['queries']})")
+    overall = report["overall"]
+    k = str(report["rerank_k"])
+    lines.append(f"all queries: T2I R@1 {overall['first_stage']['t2i_r1']:.2f} -> {overall['reranked'][k]['t2i_r1']:.2f}"
+                 f" ({_delta_text(overall['delta_r1'][k]['t2i'])}), I2T R@1 {overall['first_stage']['i2t_r1']:.2f} -> "
+                 f"{overall['reranked'][k]['i2t_r1']:.2f} ({_delta_text(overall['delta_r1'][k]['i2t'])})")
+    return "\n".join(lines)
 
 
 def _recall_row(name: str, row: dict) -> str:

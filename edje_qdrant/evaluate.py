@@ -22,9 +22,10 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from .models.base import EdjeModel
 from .retriever import Retriever
 from .rules import point_id
 from .store import open_store
-from .train.data import caption_set, read_captions
+from .train.data import CaptionSet, caption_set, read_captions
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,26 @@ def collect(
     progress: Progress | None = None,
 ) -> Runs:
     """Ingest the split into a store (``store_path`` or a temporary one) and score every query's top ``k_max``."""
+    with ingested_split(captions, images, split, model, store_path=store_path, dtype=dtype) as split_store:
+        return measure_runs(split_store, k_max, max_queries, progress)
+
+
+@dataclass
+class SplitStore:
+    """A split ingested through the user path: its captions, the Retriever over its collection, and the point id
+    of each of its images (``ids[i]`` for ``data.images[i]``)."""
+
+    data: CaptionSet
+    retriever: Retriever
+    ids: list[str]
+    images: int
+
+
+@contextmanager
+def ingested_split(captions: str | Path, images: str | Path, split: str, model: EdjeModel | str, *,
+                   store_path: str | Path | None = None, dtype: str = "fp16") -> Iterator[SplitStore]:
+    """Ingest the split's images (``ingest``, the user path) into ``store_path`` or a temporary store and yield a
+    ``SplitStore``; the store is closed on exit."""
     images_dir = Path(images)
     data = caption_set(read_captions(captions), split)
     edje_model = load_model(model) if isinstance(model, str) else model
@@ -207,15 +228,22 @@ def collect(
             if report.failed:
                 raise InputError(f"{report.failed} images of the split failed to ingest: {report.failures[:3]}")
             ids = [point_id(sha256_file(images_dir / n)[0]) for n in data.images]
-            retriever = Retriever(store, collection, edje_model)
-            t2i, seconds = _text_to_image(retriever, data, ids, k_max, max_queries, progress)
-            i2t = _image_to_text(retriever, data, ids, k_max, max_queries, progress)
+            yield SplitStore(data, Retriever(store, collection, edje_model), ids,
+                             report.ingested + report.skipped_existing)
         finally:
             store.close()
-    return Runs(t2i, i2t, float(edje_model.fusion_weight), seconds, report.ingested + report.skipped_existing)
 
 
-def _subset(n: int, max_queries: int | None) -> np.ndarray:
+def measure_runs(split_store: SplitStore, k_max: int, max_queries: int | None = None,
+                 progress: Progress | None = None) -> Runs:
+    """Every (or ``max_queries`` evenly spaced) caption as a text query and image as an image->text query."""
+    retriever, data, ids = split_store.retriever, split_store.data, split_store.ids
+    t2i, seconds = _text_to_image(retriever, data, ids, k_max, max_queries, progress)
+    i2t = _image_to_text(retriever, data, ids, k_max, max_queries, progress)
+    return Runs(t2i, i2t, float(retriever.model.fusion_weight), seconds, split_store.images)
+
+
+def query_subset(n: int, max_queries: int | None) -> np.ndarray:
     """All indices, or ``max_queries`` evenly spaced ones."""
     if not max_queries or max_queries >= n:
         return np.arange(n)
@@ -228,7 +256,7 @@ def _text_to_image(retriever: Retriever, data: Any, ids: list[str], k_max: int, 
     index_of = {pid: i for i, pid in enumerate(ids)}
     per_query = []
     elapsed = 0.0
-    chosen = _subset(len(data.captions), max_queries)
+    chosen = query_subset(len(data.captions), max_queries)
     for n, q in enumerate(chosen):
         start = time.perf_counter()
         results = retriever.search(data.captions[q], k=k_max, rerank_k=k_max)
@@ -253,7 +281,7 @@ def _image_to_text(retriever: Retriever, data: Any, ids: list[str], k_max: int, 
     hits = {h.id: h for h in retriever.store.retrieve(retriever.collection, ids, [], with_vector=True)}
     caption_image = np.asarray(data.caption_image)
     per_query = []
-    chosen = _subset(len(data.images), max_queries)
+    chosen = query_subset(len(data.images), max_queries)
     for n, img in enumerate(chosen):
         vec = np.asarray(hits[ids[img]].vector, dtype=np.float32)
         sims = caption_vecs @ vec
