@@ -37,8 +37,8 @@ def parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def dev_candidates(model, dev, token_root):
-    """Shipped first stage on dev: scaled similarity [C, I] and each caption's image column."""
+def dev_embeddings(model, dev, token_root):
+    """Shipped first stage on dev from the token cache: caption vectors [C, d], image vectors [I, d]."""
     from edje_qdrant.models import dinov2
     from edje_qdrant.train.token_cache import TokenCache, view_folder
 
@@ -46,9 +46,45 @@ def dev_candidates(model, dev, token_root):
     with torch.inference_mode():
         feats = torch.cat([dinov2.global_feature(tc.rows(dev.images[i:i + 256]).float())
                            for i in range(0, len(dev.images), 256)])
-        img = model.vision.head(feats)
+        img = model.vision.head(feats).float()
         txt = torch.cat([model.text.encode(dev.captions[i:i + 256]) for i in range(0, len(dev.captions), 256)])
-    return model.fusion_weight * (txt @ img.t()), torch.tensor(dev.caption_image)
+    return txt.float(), img
+
+
+def dev_binding(model, shipped, dev, train_captions, img, comp, weight, device):
+    """Binding accuracy on dev pairs (``binding.binding_table``): first stage = the shipped model's cosine,
+    re-ranked = joint logit on the cached dev tokens + ``weight`` x cosine."""
+    from edje_qdrant.binding import binding_table
+    from edje_qdrant.train.counterfeit import binding_pairs
+
+    pairs = binding_pairs(dev.captions, train_captions)
+    texts = sorted({p.true for p in pairs} | {p.fake for p in pairs})
+    row = {t: i for i, t in enumerate(texts)}
+    with torch.inference_mode():
+        vec = torch.cat([shipped.text.encode(texts[i:i + 256]) for i in range(0, len(texts), 256)]).float()
+    cols = torch.tensor([dev.caption_image[p.caption] for p in pairs])
+    scored = {}
+    for side in ("true", "fake"):
+        t = [getattr(p, side) for p in pairs]
+        scored[f"first_{side}"] = (vec[[row[x] for x in t]] * img[cols]).sum(-1).double().numpy()
+        with torch.inference_mode():
+            logits = [model.score(t[i:i + 256], comp[cols[i:i + 256]].to(device)).float().cpu()
+                      for i in range(0, len(t), 256)]
+        scored[f"logit_{side}"] = torch.cat(logits).double().numpy()
+    return binding_table(pairs, scored, weight)
+
+
+def attribute_recall(dev, ranks):
+    """Dev T2I R@1 (first stage vs re-ranked) of the captions naming a colour or a person, paired 95 % CI."""
+    from edje_qdrant.evaluate import paired_bootstrap_ci
+    from edje_qdrant.train.counterfeit import attributes
+
+    mask = torch.tensor([bool(attributes(c)) for c in dev.captions]).numpy()
+    first, reranked = ranks["t2i_first"][mask] < 1, ranks["t2i"][mask] < 1
+    mean, (lo, hi) = paired_bootstrap_ci(first, reranked)
+    return {"queries": int(mask.sum()), "first_r1": round(100 * first.mean(), 2),
+            "reranked_r1": round(100 * reranked.mean(), 2),
+            "delta": {"mean": round(100 * mean, 2), "ci95": [round(100 * lo, 2), round(100 * hi, 2)]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,20 +139,27 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(load_file(str(run / WEIGHTS)), strict=False)
     model.eval()
     shipped = load_model(NAME, device=str(device), precision="fp32")
-    sim, pos = dev_candidates(shipped, dev, token_root)
+    txt, img = dev_embeddings(shipped, dev, token_root)
+    weight = shipped.fusion_weight * float(cfg.get("fusion_gain", 1.0))  # the exported preset's fusion weight
+    sim, pos = weight * (txt @ img.t()), torch.tensor(dev.caption_image)
     rc = SplitRerankerConfig.from_dict(cfg["reranker"])
     dev_tokens = load_patch_tokens(token_root, dev.images, "orig", cfg["options"]["layers"], rc.patch_pool,
                                    colour_from=images if rc.colour else None)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         comp = model.adapter(dev_tokens.float()).float()
         res = rerank_recall(model, dev.captions, sim, pos, comp, k=args.k)
-    line = {"name": args.name, "options": cfg["options"], "k": args.k, "dev": res["summary"],
+    line = {"name": args.name, "options": cfg["options"], "k": args.k, "fusion_weight": round(weight, 3),
+            "dev": res["summary"],
             "train_seconds": cfg.get("train_seconds"), "pairs_per_second": cfg.get("pairs_per_second"),
             "steps": cfg.get("steps"), "val_curve": cfg.get("val_curve"), "wall_seconds": round(time.time() - t0)}
     for d in ("t2i", "i2t"):
         mean, (lo, hi) = paired_bootstrap_ci(res["ranks"][f"{d}_first"] < 1, res["ranks"][d] < 1)
         mean, lo, hi = 100 * mean, 100 * lo, 100 * hi
         line[f"{d}_delta_r1"] = {"mean": round(mean, 2), "ci95": [round(lo, 2), round(hi, 2)]}
+    line["attribute_queries"] = attribute_recall(dev, res["ranks"])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        line["binding"] = dev_binding(model, shipped, dev, caption_set(rows, "train").captions, img, comp, weight,
+                                      device)
     if args.export:
         from edje_qdrant.train.pipeline import export_split_preset
 

@@ -73,7 +73,7 @@ def test_config_validation():
 
 
 def test_mirror_caption_swaps_sides_and_keeps_case():
-    from edje_qdrant.train.split_reranker import mirror_caption
+    from edje_qdrant.train.views import mirror_caption
 
     assert mirror_caption("Left hand up, right foot down") == "Right hand up, left foot down"
     assert mirror_caption("a bright light") == "a bright light"  # only whole words
@@ -174,10 +174,13 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
     run.mkdir()
     save_file({k: v.contiguous() for k, v in trained.trainable_state().items()}, str(run / WEIGHTS))
     (run / CONFIG).write_text(json.dumps({"reranker": opts.model_config().to_dict(), "options": {"layers": [9, 12]},
-                                          "steps": 1, "train_seconds": 1.0, "pairs_per_second": 1.0}))
+                                          "steps": 1, "train_seconds": 1.0, "pairs_per_second": 1.0,
+                                          "fusion_gain": 0.5}))
     pdir = export_split_preset(run, tmp_path / "preset", preset.PRESET_DIR)
     cfg = json.loads((pdir / "config.json").read_text())
-    assert cfg["version"] == 2 and cfg["token_layers"] == [9, 12] and cfg["format"] == 2
+    assert cfg["version"] == 3 and cfg["token_layers"] == [9, 12] and cfg["format"] == 2
+    # the learned gain scales the first stage's own logit scale (not a weight already scaled by an earlier export)
+    assert cfg["fusion"]["first_stage_weight"] == pytest.approx(0.5 * cfg["first_stage"]["logit_scale"])
     assert cfg["reranker"]["kind"] == "split" and cfg["reranker"]["colour"] is True
     model = load_model(str(pdir), device="cpu", precision="fp32")
     assert model.num_tokens == 16 and isinstance(model.reranker, SplitReranker)
@@ -189,6 +192,7 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
     with torch.inference_mode():
         want = trained.score("a dog", torch.from_numpy(tokens))
     assert torch.allclose(torch.from_numpy(model.rerank("a dog", tokens)), want, atol=1e-4)
+    assert model.fusion_weight == pytest.approx(cfg["fusion"]["first_stage_weight"])
     shipped = load_model(preset.NAME, device="cpu", precision="fp32")
     assert shipped.fingerprint != model.fingerprint
 
@@ -260,3 +264,51 @@ def test_rerank_recall_reports_first_stage_and_reranked_under_their_names():
     assert out["summary"]["t2i_r1_first"] == out["summary"]["t2i_r1"] == 66.67
     assert out["summary"]["i2t_r1_first"] == out["summary"]["i2t_r1"]
     assert list(out["ranks"]["t2i_first"]) == [0, 0, 0, 0, 1, 1]
+
+
+def test_binding_lists_put_the_true_caption_first_and_its_counterfeits_next():
+    from edje_qdrant.train.binding_lists import BindingSampler, CounterfeitSet, extend_tables
+    from edje_qdrant.train.split_reranker import GroupSampler, SplitTrainOptions
+
+    data, held = _toy_data()
+    fakes = CounterfeitSet(texts=["fake a", "fake b", "fake c"], source=[0, 0, 6], kinds=["k1", "k2", "k1"])
+    ext, ext_held = extend_tables(data, held, fakes, torch.randn(3, 8))
+    n = len(data.captions)
+    assert ext.captions[n:] == fakes.texts and ext.caption_image[n:] == [0, 0, 3]
+    assert torch.equal(ext_held.caption_emb[:n], held.caption_emb)
+    sampler = GroupSampler(data, held, torch.arange(12), SplitTrainOptions(candidates=4, negative_pool=4))
+    trained = torch.tensor([0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11])  # image 3 held back: its caption 6 is not drawn
+    binder = BindingSampler(fakes, n, data.caption_image, trained, sampler.i2t, per_list=2, width=4)
+    assert len(binder) == 1
+    imgs, rows = binder.groups(20, torch.Generator().manual_seed(0))
+    assert rows.shape == (20, 4) and (imgs == 0).all()
+    assert (rows[:, 0] == 0).all()  # the true caption
+    assert set(rows[:, 1].tolist()) == {n, n + 1} and (rows[:, 1] != rows[:, 2]).all()  # both counterfeits
+    cap_img = torch.tensor(data.caption_image)
+    assert (cap_img[rows[:, 3]] != 0).all()  # hard captions of other images
+
+
+def test_training_loss_with_binding_lists_and_a_learned_fusion_gain():
+    from edje_qdrant.models.split_reranker import SplitReranker
+    from edje_qdrant.train.binding_lists import CounterfeitSet, extend_tables
+    from edje_qdrant.train.split_reranker import GroupSampler, SplitTrainer, SplitTrainOptions
+
+    data, held = _toy_data()
+    opts = SplitTrainOptions(adapter="pool", patch_pool=4, num_tokens=16, candidates=3, negative_pool=3,
+                             views=["orig"], counterfeits=1, learn_fusion=True)
+    fakes = CounterfeitSet(texts=["picture 0 caption 9"], source=[0], kinds=["k"])
+    ext, ext_held = extend_tables(data, held, fakes, torch.randn(1, 8))
+    model = SplitReranker(opts.model_config())
+    trainer = SplitTrainer(model, ext, {"orig": torch.randn(12, 16, 384)}, ext_held, opts, torch.device("cpu"),
+                           bf16=False, n_captions=len(data.captions))
+    sampler = GroupSampler(data, held, torch.arange(12), opts)
+    g = torch.Generator().manual_seed(0)
+    n = len(data.captions)
+    binding = (torch.tensor([0]), torch.tensor([[0, n, 4]]))
+    parts = trainer.loss(sampler.t2i_groups(torch.arange(4), g), sampler.i2t_groups(torch.arange(3), g), g, binding)
+    assert {"t2i", "i2t", "binding", "total"} <= set(parts) and torch.isfinite(parts["total"])
+    # an untrained head adds nothing: the binding loss is the cross-entropy of the first-stage scores alone
+    first = ext_held.logits(binding[1], torch.zeros(1, 3, dtype=torch.long), torch.tensor(ext.caption_image))
+    assert torch.allclose(parts["binding"], torch.nn.functional.cross_entropy(first, torch.tensor([0])), atol=1e-5)
+    parts["total"].backward()
+    assert trainer.log_gain.grad is not None and trainer.log_gain.grad.abs() > 0

@@ -115,3 +115,35 @@ def heldout_scores(out: str | Path, data: CaptionSet, global_feats: torch.Tensor
     scale = torch.tensor(scales)
     save_file({"caption_emb": caption_emb, "image_emb": image_emb, "scale": scale}, str(memo))
     return HeldOutScores(caption_emb, image_emb, image_fold, scale)
+
+
+@torch.no_grad()
+def heldout_text_embeddings(out: str | Path, texts: list[str], folds: torch.Tensor, device: torch.device,
+                            bf16: bool) -> torch.Tensor:
+    """First-stage embeddings of extra texts (e.g. counterfeit captions), each from the fold model that did not
+    see the image it describes (``folds[i]``); memoised in ``out`` under a key of the texts and folds."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from edje_qdrant.train.pipeline import encode_texts, load_first_stage
+
+    out = Path(out)
+    key = hashlib.sha256(("\n".join(texts) + "|" + ",".join(map(str, folds.tolist()))).encode()).hexdigest()
+    memo = out / "heldout_extra_text.safetensors"
+    if memo.is_file():
+        with safe_open(str(memo), "pt") as fh:
+            if (fh.metadata() or {}).get("key") == key:
+                return fh.get_tensor("emb")
+    emb = None
+    for f in sorted(set(folds.tolist())):
+        rows = (folds == f).nonzero().flatten()
+        model, _ = load_first_stage(out / f"fold{f}")
+        part = encode_texts(model, [texts[i] for i in rows.tolist()], device, bf16)
+        if emb is None:
+            emb = torch.zeros(len(texts), part.shape[1])
+        emb[rows] = part
+    emb = emb if emb is not None else torch.zeros(0, 0)
+    save_file({"emb": emb.contiguous()}, str(memo), metadata={"key": key})
+    return emb

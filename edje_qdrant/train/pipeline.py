@@ -198,9 +198,10 @@ def _first_stage_parts(out: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def export_split_preset(run: str | Path, preset_dir: str | Path, first_stage_from: str | Path,
-                        metrics: dict[str, Any] | None = None, version: int = 2) -> Path:
+                        metrics: dict[str, Any] | None = None, version: int = 3) -> Path:
     """Write a model folder whose reranker is the split reranker trained in ``run`` and whose first stage
-    (tuned text layers, LiT heads, fusion weight) is copied from the model folder ``first_stage_from``."""
+    (tuned text layers, LiT heads) is copied from the model folder ``first_stage_from``; the fusion weight is that
+    folder's times the gain learned with the reranker (1 when it was not learned)."""
     from safetensors.torch import load_file
 
     from edje_qdrant.models import model_dir
@@ -215,10 +216,14 @@ def export_split_preset(run: str | Path, preset_dir: str | Path, first_stage_fro
     parts["reranker"] = load_file(str(run / WEIGHTS))
     run_cfg = json.loads((run / CONFIG).read_text())
     config = {k: v for k, v in src_cfg.items() if k not in ("reranker", "metrics")}
+    first_stage_weight = float(src_cfg.get("first_stage", {}).get("logit_scale",
+                                                                  src_cfg["fusion"]["first_stage_weight"]))
+    config["fusion"] = {"first_stage_weight": first_stage_weight * float(run_cfg.get("fusion_gain", 1.0))}
     config.update({"version": version, "reranker": {**run_cfg["reranker"], "kind": "split"},
                    "token_layers": list(run_cfg["options"]["layers"]),
-                   "reranker_training": {k: run_cfg[k] for k in ("options", "steps", "train_seconds",
-                                                                   "pairs_per_second")},
+                   "reranker_training": {k: run_cfg[k] for k in ("options", "steps", "best_step", "fusion_gain",
+                                                                   "train_seconds", "pairs_per_second")
+                                         if k in run_cfg},
                    "metrics": metrics or {}})
     return model_dir.write(Path(preset_dir), config, parts)
 
@@ -248,7 +253,8 @@ def train_split(captions: str | Path, images: str | Path, out: str | Path, optio
     names = sorted({r["image"] for r in rows if r["split"] in ("train", "dev")})
     root = Path(token_root) if token_root else fs.default_cache_folder(images).with_name(
         fs.default_cache_folder(images).name + "-views")
-    build_view_caches(images, names, root, layers=tuple(sorted(set(opts.layers) | {12})), views=("orig", "flip"),
+    dinov2_views = ("orig", "flip") if "flip" in opts.views else ("orig",)  # recolour reuses orig's DINOv2 tokens
+    build_view_caches(images, names, root, layers=tuple(sorted(set(opts.layers) | {12})), views=dinov2_views,
                       device=str(dev), bf16=bf16, progress=progress)
     last = view_folder(root, "orig", 12)
     recipe = model_dir.read_config(PRESET_DIR)["first_stage"]
@@ -273,7 +279,8 @@ def train_split(captions: str | Path, images: str | Path, out: str | Path, optio
     shipped_parts = model_dir.read_weights(model_dir.weights_file(PRESET_DIR))  # first-stage heads: adapter init
     heads = (shipped_parts["vision"]["head.proj.weight"].float(), shipped_parts["text"]["proj.weight"].float())
     return train_split_reranker(train, root, train.images, held, out / run_name, opts, dev, bf16, resume=resume,
-                                progress=progress, first_stage_heads=heads, images_dir=images)
+                                progress=progress, first_stage_heads=heads, images_dir=images,
+                                crossfit_dir=out / "crossfit")
 
 
 class _TextOnly(torch.nn.Module):

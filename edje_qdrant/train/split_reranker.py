@@ -2,9 +2,12 @@
 
 Each step scores listwise groups in both directions: a training caption against its own image and the hardest
 images that a cross-fitted first stage (one that never saw them) ranks near it, and an image against one of its
-captions and the hardest other captions. The score is ``first-stage logit + joint logit`` (residual), the loss a
-cross-entropy over each group. Augmentations: mirrored views (``left``/``right`` swapped in the caption) and
-token dropout before the adapter. A slice of the training images is held back for early stopping.
+captions and the hardest other captions. The score is ``first-stage logit + joint logit`` (residual; the
+first-stage term may carry a learned gain, which becomes the exported fusion weight), the loss a cross-entropy
+over each group. Binding lists (``counterfeits > 0``) add image-centric groups of a true caption against its
+counterfeits (``train/counterfeit.py``), and ``mined`` puts attribute-mined images among the text->image
+negatives. Augmentations: counterfactual views with rewritten captions (``train/views.py``: mirrored,
+recoloured) and token dropout before the adapter. A slice of the training images is held back for early stopping.
 """
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +27,14 @@ import torch.nn.functional as F
 from edje_qdrant.errors import InputError
 from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig, TextStates, pool_patches
 from edje_qdrant.train import checkpoint as ckpt
+from edje_qdrant.train.attribute_mining import AttributeIndex, mined_candidates
+from edje_qdrant.train.binding_lists import BindingSampler, CounterfeitSet, extend_tables, training_counterfeits
+from edje_qdrant.train.counterfeit import CaptionStats
 from edje_qdrant.train.common import autocast, cosine_lr
-from edje_qdrant.train.crossfit import HeldOutScores
+from edje_qdrant.train.crossfit import HeldOutScores, heldout_text_embeddings
 from edje_qdrant.train.data import CaptionSet
 from edje_qdrant.train.token_cache import TokenCache, view_folder
+from edje_qdrant.train.views import VIEWS, recolourable, view_caption
 
 log = logging.getLogger(__name__)
 WEIGHTS = "split_reranker.safetensors"
@@ -67,14 +73,25 @@ class SplitTrainOptions:
     val_images: int = 300
     eval_every: int = 150
     seed: int = 0
+    # binding (counterfeit captions, train/counterfeit.py): image -> [true caption, up to `counterfeits` of its
+    # counterfeits, hard captions] lists, `binding_images` of them per step, loss weight `binding_weight`
+    counterfeits: int = 0
+    binding_images: int = 16
+    binding_weight: float = 1.0
+    mined: int = 0  # of each text->image list's negatives, up to this many attribute-mined images
+    learn_fusion: bool = False  # learn the first-stage weight with the reranker (a gain on the residual term)
 
     def __post_init__(self) -> None:
         if self.negative_pool < self.candidates - 1 or self.candidates < 2:
             raise InputError("candidates must be >= 2 and negative_pool >= candidates - 1")
         if not 0.0 <= self.token_dropout < 1.0:
             raise InputError(f"token_dropout must be in [0, 1), got {self.token_dropout}")
-        if any(v not in ("orig", "flip") for v in self.views) or not self.views:
-            raise InputError(f"views must be a non-empty subset of orig/flip, got {self.views}")
+        if any(v not in VIEWS for v in self.views) or not self.views:
+            raise InputError(f"views must be a non-empty subset of {'/'.join(VIEWS)}, got {self.views}")
+        if "recolour" in self.views and not self.colour:
+            raise InputError("the recolour view changes only the colour features: it needs colour=true")
+        if not 0 <= self.mined <= self.candidates - 1 or not 0 <= self.counterfeits <= self.candidates - 1:
+            raise InputError("mined and counterfeits must be in [0, candidates - 1]")
 
     def model_config(self) -> SplitRerankerConfig:
         return SplitRerankerConfig(vision_width=384 * len(self.layers), num_tokens=self.num_tokens,
@@ -83,24 +100,14 @@ class SplitTrainOptions:
                                    text_layers=self.text_layers, joint_layers=self.joint_layers)
 
 
-_SWAP = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-
-
-def mirror_caption(text: str) -> str:
-    """The caption of the mirrored image: ``left`` and ``right`` swapped (case kept)."""
-    def swap(m: re.Match[str]) -> str:
-        word = "right" if m.group(1).lower() == "left" else "left"
-        return word.capitalize() if m.group(1)[0].isupper() else word
-    return _SWAP.sub(swap, text)
-
-
 def load_patch_tokens(root: str | Path, names: list[str], view: str, layers: list[int], pool: int,
                       chunk: int = 256, colour_from: str | Path | None = None) -> torch.Tensor:
     """Pooled patch tokens (CLS dropped) of ``names`` for one view, layers concatenated: fp16 [N, P, 384 x L];
     with ``colour_from`` (the images folder) the pooled colour features are appended (+14)."""
     from edje_qdrant.train.token_cache import colour_cache
 
-    caches = [TokenCache(view_folder(root, view, k)) for k in layers]
+    # the recoloured view has the original's DINOv2 tokens (trained to ignore colour) and its own colour features
+    caches = [TokenCache(view_folder(root, "orig" if view == "recolour" else view, k)) for k in layers]
     colour = None
     if colour_from is not None:
         all_names = caches[0].images
@@ -130,8 +137,8 @@ def first_stage_candidates(query_emb: torch.Tensor, item_emb: torch.Tensor, allo
 class GroupSampler:
     """Listwise groups over the training images of one fold each: column 0 is the positive."""
 
-    def __init__(self, data: CaptionSet, held: HeldOutScores, train_images: torch.Tensor, opts: SplitTrainOptions
-                 ) -> None:
+    def __init__(self, data: CaptionSet, held: HeldOutScores, train_images: torch.Tensor, opts: SplitTrainOptions,
+                 attribute_index: AttributeIndex | None = None) -> None:
         self.data, self.held, self.o = data, held, opts
         self.cap_img = torch.tensor(data.caption_image)
         img_ok = torch.zeros(len(data.images), dtype=torch.bool)
@@ -150,6 +157,11 @@ class GroupSampler:
             for j in same_text[norm[c]]:
                 allowed[r, j] = False
         self.t2i = first_stage_candidates(held.caption_emb[self.captions], held.image_emb, allowed,
+                                          opts.negative_pool)
+        self.mined = None
+        if opts.mined and attribute_index is not None:
+            self.mined = mined_candidates(attribute_index, data.captions, self.captions, self.cap_img,
+                                          held.caption_emb[self.captions], held.image_emb, allowed,
                                           opts.negative_pool)
         # i2t: captions of the image's fold (of trained images), not its own, not identical to its own
         cap_fold = fold_img[self.cap_img]
@@ -170,9 +182,25 @@ class GroupSampler:
         return pool.gather(1, pick)
 
     def t2i_groups(self, rows: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(caption index [B], image indices [B, K]) for caption rows of ``self.captions``."""
+        """(caption index [B], image indices [B, K]) for caption rows of ``self.captions``; with attribute mining,
+        up to ``mined`` of the K-1 negatives are attribute-mined images (the rest first-stage hard ones)."""
         caps = self.captions[rows]
-        return caps, torch.cat([self.cap_img[caps].view(-1, 1), self._draw(self.t2i[rows], g)], dim=1)
+        negatives = self._draw(self.t2i[rows], g)
+        if self.mined is not None:
+            negatives = self._with_mined(negatives, self.mined[rows], g)
+        return caps, torch.cat([self.cap_img[caps].view(-1, 1), negatives], dim=1)
+
+    def _with_mined(self, hard: torch.Tensor, mined: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Each row: up to ``mined`` random attribute-mined images, then hard negatives not already in the row."""
+        out = hard.clone()
+        for r in range(hard.shape[0]):
+            pool = mined[r][mined[r] >= 0]
+            if not len(pool):
+                continue
+            pick = pool[torch.randperm(len(pool), generator=g)[: self.o.mined]].tolist()
+            rest = [x for x in hard[r].tolist() if x not in pick]
+            out[r] = torch.tensor((pick + rest)[: hard.shape[1]])
+        return out
 
     def i2t_groups(self, rows: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(image index [B], caption indices [B, K]) for image rows of ``self.images``; one own caption first."""
@@ -185,26 +213,36 @@ class SplitTrainer:
     """One step = t2i groups + i2t groups through the split reranker, residual listwise loss."""
 
     def __init__(self, model: SplitReranker, data: CaptionSet, tokens: dict[str, torch.Tensor], held: HeldOutScores,
-                 opts: SplitTrainOptions, device: torch.device, bf16: bool, memo_dir: str | Path | None = None
-                 ) -> None:
+                 opts: SplitTrainOptions, device: torch.device, bf16: bool, memo_dir: str | Path | None = None,
+                 n_captions: int | None = None) -> None:
+        """``data`` may end with counterfeit captions: the first ``n_captions`` (default all) are true ones."""
         self.model, self.data, self.tokens, self.held, self.o = model, data, tokens, held, opts
         self.device, self.bf16 = device, bf16
         self.cap_img = torch.tensor(data.caption_image)
-        # text-state cache rows: every caption, then the mirrored text of each caption that names a side
-        sided = [c for c, t in enumerate(data.captions) if mirror_caption(t) != t]
-        self.mirrored = {c: len(data.captions) + n for n, c in enumerate(sided)}
-        texts = data.captions + [mirror_caption(data.captions[c]) for c in sided]
+        # text-state cache rows: every caption, then per view the rewritten text of each caption it changes
+        texts = list(data.captions)
+        self.view_rows: dict[str, dict[int, int]] = {}
+        for view in [v for v in opts.views if v != "orig"]:
+            rewritten = {c: view_caption(t, view) for c, t in enumerate(data.captions)}
+            changed = [c for c, t in rewritten.items() if t != data.captions[c]]
+            self.view_rows[view] = {c: len(texts) + n for n, c in enumerate(changed)}
+            texts += [rewritten[c] for c in changed]
+        # the recoloured view is shown only for images whose every (true) caption can follow it
+        first_fake = n_captions if n_captions is not None else len(data.captions)
+        blocked = {data.caption_image[c] for c in range(first_fake) if not recolourable(data.captions[c])}
+        self.recolour_ok = set(range(len(data.images))) - blocked
         t0 = time.time()
         model.eval()
         key = hashlib.sha256("\n".join(texts).encode() + f"|L{model.config.text_layers}".encode()).hexdigest()
-        memo = Path(memo_dir) / f"text_states_L{model.config.text_layers}.safetensors" if memo_dir else None
+        memo = Path(memo_dir) / f"text_states_L{model.config.text_layers}_{key[:12]}.safetensors" if memo_dir else None
         states = TextStates.load(memo, key) if memo else None
         if states is None:
             states = TextStates(model, texts)
             if memo:
                 states.save(memo, key)
         self.text_states = states
-        log.info("text states of %d captions (%d mirrored) in %.0f s", len(texts), len(sided), time.time() - t0)
+        self.log_gain = torch.zeros((), device=device, requires_grad=True) if opts.learn_fusion else None
+        log.info("text states of %d texts (%d captions) in %.0f s", len(texts), len(data.captions), time.time() - t0)
 
     def _image_tokens(self, images: torch.Tensor, views: list[str], train: bool) -> torch.Tensor:
         """Adapter output for unique (image, view) pairs [U, m', d] (m' < m with token dropout)."""
@@ -230,49 +268,70 @@ class SplitTrainer:
         text, mask = self.text_states.batch(text_ids, self.device)
         return self.model.pair_logits(text[pairs_txt], mask[pairs_txt], tok)
 
+    def draw_view(self, image: int, g: torch.Generator) -> str:
+        """A random view of ``image`` among the options' views (``recolour`` only where its captions follow)."""
+        view = self.o.views[int(torch.randint(len(self.o.views), (1,), generator=g))]
+        return "orig" if view == "recolour" and image not in self.recolour_ok else view
+
+    def text_row(self, caption: int, view: str) -> int:
+        """Row of the text-state cache holding ``caption`` as rewritten for ``view``."""
+        return self.view_rows.get(view, {}).get(caption, caption)
+
+    def fusion_gain(self) -> torch.Tensor:
+        """Multiplier of the first-stage term: learned (``learn_fusion``) or 1."""
+        return self.log_gain.exp() if self.log_gain is not None else torch.ones((), device=self.device)
+
     def loss(self, t2i: tuple[torch.Tensor, torch.Tensor], i2t: tuple[torch.Tensor, torch.Tensor],
-             g: torch.Generator) -> dict[str, torch.Tensor]:
+             g: torch.Generator, binding: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """Listwise cross-entropy (column 0 is the positive) over text->image groups, image->text groups and,
+        when given, image-centric binding lists (true caption vs its counterfeits and hard captions)."""
         caps, cand_img = t2i
-        imgs, cand_cap = i2t
         b, k = cand_img.shape
-        # one view per image of the step; mirrored images get mirrored captions
-        all_imgs = torch.cat([cand_img.flatten(), imgs])
-        view_of = {i: self.o.views[int(torch.randint(len(self.o.views), (1,), generator=g))]
-                   for i in set(all_imgs.tolist())}
+        image_sets = [("i2t", i2t[0], i2t[1], self.o.i2t_weight)]
+        if binding is not None:
+            image_sets.append(("binding", binding[0], binding[1], self.o.binding_weight))
+        # one view per image of the step; its captions are rewritten to match (views.py)
+        all_imgs = torch.cat([cand_img.flatten()] + [imgs for _, imgs, _, _ in image_sets])
+        view_of = {i: self.draw_view(i, g) for i in set(all_imgs.tolist())}
         texts: list[int] = []
         pairs_txt, pairs_img, views = [], [], []
-        text_row: dict[tuple[int, bool], int] = {}
+        text_row: dict[tuple[int, str], int] = {}
 
-        def row(c: int, flip: bool) -> int:
-            if (c, flip) not in text_row:
-                text_row[(c, flip)] = len(texts)
-                texts.append(self.mirrored.get(c, c) if flip else c)
-            return text_row[(c, flip)]
+        def add(c: int, i: int) -> None:
+            view = view_of[i]
+            if (c, view) not in text_row:
+                text_row[(c, view)] = len(texts)
+                texts.append(self.text_row(c, view))
+            pairs_txt.append(text_row[(c, view)])
+            pairs_img.append(i)
+            views.append(view)
 
         for r in range(b):
             for j in cand_img[r].tolist():
-                pairs_txt.append(row(int(caps[r]), view_of[j] == "flip"))
-                pairs_img.append(j)
-                views.append(view_of[j])
-        for r in range(imgs.shape[0]):
-            i = int(imgs[r])
-            for c in cand_cap[r].tolist():
-                pairs_txt.append(row(c, view_of[i] == "flip"))
-                pairs_img.append(i)
-                views.append(view_of[i])
+                add(int(caps[r]), j)
+        for _, imgs, cand, _ in image_sets:
+            for r in range(imgs.shape[0]):
+                for c in cand[r].tolist():
+                    add(c, int(imgs[r]))
         with autocast(self.device, self.bf16):
             joint = self.group_logits(texts, torch.tensor(pairs_img), torch.tensor(pairs_txt, device=self.device),
                                       views, train=True).float()
+        gain = self.fusion_gain()
         first_t2i = self.held.logits(caps.view(-1, 1).expand(-1, k), cand_img, self.cap_img)
-        first_i2t = self.held.logits(cand_cap, imgs.view(-1, 1).expand(-1, cand_cap.shape[1]), self.cap_img)
-        n_t2i = b * k
-        s_t2i = first_t2i.to(self.device) + joint[:n_t2i].view(b, k)
-        s_i2t = first_i2t.to(self.device) + joint[n_t2i:].view(imgs.shape[0], -1)
-        zero_t = torch.zeros(b, dtype=torch.long, device=self.device)
-        zero_i = torch.zeros(imgs.shape[0], dtype=torch.long, device=self.device)
-        parts = {"t2i": F.cross_entropy(s_t2i, zero_t), "i2t": F.cross_entropy(s_i2t, zero_i)}
-        parts["total"] = parts["t2i"] + self.o.i2t_weight * parts["i2t"]
+        s_t2i = gain * first_t2i.to(self.device) + joint[:b * k].view(b, k)
+        parts = {"t2i": F.cross_entropy(s_t2i, torch.zeros(b, dtype=torch.long, device=self.device))}
+        parts["total"] = parts["t2i"]
         parts["acc_t2i"] = (s_t2i.argmax(1) == 0).float().mean()
+        start = b * k
+        for name, imgs, cand, weight in image_sets:
+            n = cand.numel()
+            first = self.held.logits(cand, imgs.view(-1, 1).expand(-1, cand.shape[1]), self.cap_img)
+            scores = gain * first.to(self.device) + joint[start:start + n].view(imgs.shape[0], -1)
+            start += n
+            parts[name] = F.cross_entropy(scores, torch.zeros(imgs.shape[0], dtype=torch.long, device=self.device))
+            parts[f"acc_{name}"] = (scores.argmax(1) == 0).float().mean()
+            parts["total"] = parts["total"] + weight * parts[name]
         return parts
 
 
@@ -287,8 +346,8 @@ def late_loss(trainer: "SplitTrainer", sampler: GroupSampler, g: torch.Generator
     rows = {int(i): r for r, i in enumerate(sampler.images.tolist())}
     caps = torch.stack([sampler.own_captions[rows[int(i)]][torch.randint(len(sampler.own_captions[rows[int(i)]]),
                                                                           (1,), generator=g)] for i in imgs]).flatten()
-    views = [o.views[int(torch.randint(len(o.views), (1,), generator=g))] for _ in range(len(imgs))]
-    text_ids = [trainer.mirrored.get(int(c), int(c)) if v == "flip" else int(c) for c, v in zip(caps, views)]
+    views = [trainer.draw_view(int(i), g) for i in imgs]
+    text_ids = [trainer.text_row(int(c), v) for c, v in zip(caps, views)]
     with autocast(trainer.device, trainer.bf16):
         tok = trainer._image_tokens(imgs, views, train=True)
     text, mask = trainer.text_states.batch(text_ids, trainer.device)
@@ -327,9 +386,11 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
                          out: str | Path, opts: SplitTrainOptions, device: torch.device, bf16: bool,
                          resume: bool = False, progress: bool = True,
                          first_stage_heads: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         images_dir: str | Path | None = None) -> dict[str, Any]:
+                         images_dir: str | Path | None = None, crossfit_dir: str | Path | None = None
+                         ) -> dict[str, Any]:
     """Train on ``data`` (train split), early-stopped on held-back training images; writes ``out/WEIGHTS``
-    (the best step by validation R@1) and ``out/CONFIG``. Returns the config with timings and val curve."""
+    (the best step by validation R@1, plus binding accuracy when counterfeits are on) and ``out/CONFIG``.
+    ``crossfit_dir`` (the fold models) embeds counterfeit captions. Returns the config with the val curve."""
     from safetensors.torch import save_file
 
     from edje_qdrant.train.rerank_eval import rerank_recall
@@ -345,18 +406,38 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
     tokens = {v: load_patch_tokens(token_root, names, v, opts.layers, opts.patch_pool, colour_from=colour)
               for v in set(opts.views) | {"orig"}}
     train_imgs, val_imgs = split_train_val(held.image_fold, opts.val_images, opts.seed)
-    sampler = GroupSampler(data, held, train_imgs, opts)
+    attribute_index = AttributeIndex(data.captions, data.caption_image, CaptionStats(data.captions)) \
+        if opts.mined else None
+    sampler = GroupSampler(data, held, train_imgs, opts, attribute_index)
+    text_data, text_held, binder, checks = data, held, None, None
+    if opts.counterfeits:
+        if crossfit_dir is None:
+            raise InputError("counterfeits need the cross-fitted first stages (crossfit_dir) to embed them")
+        fakes = training_counterfeits(data, held.image_fold, opts.seed)
+        fold_of_fake = held.image_fold[torch.tensor([data.caption_image[c] for c in fakes.source], dtype=torch.long)]
+        emb = heldout_text_embeddings(crossfit_dir, fakes.texts, fold_of_fake, device, bf16)
+        text_data, text_held = extend_tables(data, held, fakes, emb)
+        binder = BindingSampler(fakes, len(data.captions), data.caption_image, train_imgs, sampler.i2t,
+                                opts.counterfeits, opts.candidates)
+        checks = _val_binding_pairs(fakes, len(data.captions), data.caption_image, val_imgs)
+        log.info("binding lists: %d counterfeits of %d training captions; %d val pairs", len(fakes.texts),
+                 len(binder), len(checks[0]))
     model = SplitReranker(opts.model_config()).to(device)
     model.init_joint_from_minilm()
     if opts.adapter_init == "first_stage":
         if first_stage_heads is None:
             raise InputError("adapter_init=first_stage needs the first stage's heads (image_head, text_proj)")
         model.init_adapter_from_first_stage(*first_stage_heads)
-    trainer = SplitTrainer(model, data, tokens, held, opts, device, bf16, memo_dir=out.parent)
-    opt = torch.optim.AdamW(param_groups(model, opts))
+    trainer = SplitTrainer(model, text_data, tokens, text_held, opts, device, bf16, memo_dir=out.parent,
+                           n_captions=len(data.captions))
+    groups = param_groups(model, opts)
+    if trainer.log_gain is not None:
+        groups.append({"params": [trainer.log_gain], "lr": opts.head_lr, "base_lr": opts.head_lr,
+                       "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
     steps_per_epoch = len(sampler.captions) // opts.batch_captions
     total = opts.late_steps + max(1, int(steps_per_epoch * opts.epochs))
-    val = _val_fn(model, data, tokens["orig"], held, val_imgs, device, bf16, rerank_recall, trainer.text_states)
+    val = _val_fn(trainer, tokens["orig"], val_imgs, rerank_recall, checks, len(data.captions))
     step, best, best_state, best_step, curve = 0, -1.0, None, 0, []
     ck = out / "split_reranker.ckpt"
     if resume and ck.is_file():
@@ -365,11 +446,15 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         ckpt.set_rng_state(state["rng"])
-        best = float(state.get("extra", {}).get("best", -1.0)) if isinstance(state.get("extra"), dict) else -1.0
+        extra = state.get("extra") if isinstance(state.get("extra"), dict) else {}
+        best = float(extra.get("best", -1.0))
+        if trainer.log_gain is not None and "log_gain" in extra:
+            with torch.no_grad():
+                trainer.log_gain.fill_(float(extra["log_gain"]))
     base = val()
     curve.append({"step": step, **base})
     if best < 0:  # the starting point competes too: an update that never beats it is not kept
-        best, best_state = base["t2i_r1"] + base["i2t_r1"], model.trainable_state()
+        best, best_state = _val_score(base), (model.trainable_state(), float(trainer.fusion_gain()))
     log.info("split reranker: %d steps, start val %s", total, base)
     g = torch.Generator().manual_seed(opts.seed * 7919 + step)
     bar = None
@@ -393,14 +478,16 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
         if late_phase:
             parts = late_loss(trainer, sampler, g)
         else:
-            parts = trainer.loss(sampler.t2i_groups(rows, g), sampler.i2t_groups(irows, g), g)
+            binding = binder.groups(opts.binding_images, g) if binder is not None else None
+            parts = trainer.loss(sampler.t2i_groups(rows, g), sampler.i2t_groups(irows, g), g, binding)
         opt.zero_grad(set_to_none=True)
         parts["total"].backward()
         torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
         opt.step()
         step += 1
         if not late_phase:  # joint-encoder pairs (the in-batch late steps score B x B cheaply, not counted)
-            pairs += opts.candidates * (opts.batch_captions + opts.batch_images)
+            pairs += opts.candidates * (opts.batch_captions + opts.batch_images
+                                        + (opts.binding_images if binder is not None else 0))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{parts['total'].item():.3f}", acc=f"{parts['acc_t2i'].item():.2f}")
@@ -408,42 +495,84 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
             v = val()
             curve.append({"step": step, **v})
             log.info("step %d val %s", step, v)
-            score = v["t2i_r1"] + v["i2t_r1"]
-            if score > best:
-                best, best_state, best_step = score, model.trainable_state(), step
+            if _val_score(v) > best:
+                best, best_state, best_step = _val_score(v), (model.trainable_state(),
+                                                              float(trainer.fusion_gain())), step
             ckpt.save_checkpoint(ck, model=model.trainable_state(), optimizer=opt.state_dict(), step=step,
-                                 epoch=epoch, extra={"best": best})
+                                 epoch=epoch, extra={"best": best, "log_gain": float(trainer.fusion_gain().log())})
     if bar is not None:
         bar.close()
     elapsed = time.time() - t0
-    state = best_state if best_state is not None else model.trainable_state()
+    state, gain = best_state if best_state is not None else (model.trainable_state(), float(trainer.fusion_gain()))
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
     config = {"reranker": opts.model_config().to_dict(), "options": asdict(opts), "steps": step,
-              "best_step": best_step,
+              "best_step": best_step, "fusion_gain": gain,
               "train_seconds": round(elapsed, 1), "pairs_per_second": round(pairs / max(elapsed, 1e-9), 1),
               "val_curve": curve}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config
 
 
-def _val_fn(model: SplitReranker, data: CaptionSet, tokens: torch.Tensor, held: HeldOutScores,
-            val_imgs: torch.Tensor, device: torch.device, bf16: bool, rerank_recall: Any,
-            trainer_states: TextStates) -> Any:
-    """Validation closure: R@1 of first stage vs re-ranked within the held-back images (rerank top 16)."""
-    cap_img = torch.tensor(data.caption_image)
-    in_val = torch.zeros(len(data.images), dtype=torch.bool)
+def _val_score(v: dict[str, float]) -> float:
+    """What early stopping maximises: held-back R@1 both ways, plus mean binding accuracy when measured."""
+    return v["t2i_r1"] + v["i2t_r1"] + v.get("binding", 0.0)
+
+
+def _val_binding_pairs(fakes: CounterfeitSet, n_captions: int, caption_image: list[int], val_imgs: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(true caption ids, counterfeit ids, kinds) of the counterfeits of the held-back images' captions."""
+    held_back = set(val_imgs.tolist())
+    rows = [(c, n_captions + j, k) for j, (c, k) in enumerate(zip(fakes.source, fakes.kinds))
+            if caption_image[c] in held_back]
+    return (torch.tensor([r[0] for r in rows], dtype=torch.long), torch.tensor([r[1] for r in rows], dtype=torch.long),
+            [r[2] for r in rows])
+
+
+def _val_fn(trainer: SplitTrainer, tokens: torch.Tensor, val_imgs: torch.Tensor, rerank_recall: Any,
+            binding_pairs: tuple[torch.Tensor, torch.Tensor, list[str]] | None, n_captions: int) -> Any:
+    """Validation closure: R@1 of first stage vs re-ranked within the held-back images (rerank top 16, first
+    stage x the fusion gain; the first ``n_captions`` captions are true ones), and with ``binding_pairs`` the
+    accuracy of true caption vs counterfeit per kind (``binding``: their mean, percent)."""
+    model, held, device, bf16 = trainer.model, trainer.held, trainer.device, trainer.bf16
+    cap_img = trainer.cap_img
+    in_val = torch.zeros(len(held.image_fold), dtype=torch.bool)
     in_val[val_imgs] = True
-    val_caps = in_val[cap_img].nonzero().flatten()
+    val_caps = in_val[cap_img[:n_captions]].nonzero().flatten()
     cap_e, img_e = held.caption_emb[val_caps], held.image_emb[val_imgs]  # all of fold 0: one model's space
     scale = held.scale[held.image_fold[cap_img[val_caps]]].view(-1, 1)
     sim = scale * (cap_e @ img_e.t())
     pos = (cap_img[val_caps].view(-1, 1) == val_imgs.view(1, -1)).float().argmax(1)
     val_tokens = tokens[val_imgs]
-    captions = trainer_states.subset(val_caps)
+    captions = trainer.text_states.subset(val_caps)
+    column = {int(i): n for n, i in enumerate(val_imgs.tolist())}
 
     def run() -> dict[str, float]:
         model.eval()
+        gain = float(trainer.fusion_gain())
         with torch.inference_mode(), autocast(device, bf16):
             comp = model.adapter(val_tokens.to(device).float()).float()
-            return rerank_recall(model, captions, sim, pos, comp, k=16)["summary"]
+            out = rerank_recall(model, captions, gain * sim, pos, comp, k=16)["summary"]
+            if binding_pairs is not None and len(binding_pairs[0]):
+                out.update(_binding_accuracy(trainer, comp, column, gain, *binding_pairs))
+        return out
     return run
+
+
+def _binding_accuracy(trainer: SplitTrainer, comp: torch.Tensor, column: dict[int, int], gain: float,
+                      true_ids: torch.Tensor, fake_ids: torch.Tensor, kinds: list[str]) -> dict[str, float]:
+    """Accuracy (percent) of the fused score on true caption vs counterfeit, per kind and their mean."""
+    held, cap_img = trainer.held, trainer.cap_img
+    img = cap_img[true_ids]
+    cols = torch.tensor([column[int(i)] for i in img.tolist()], device=comp.device)
+    scores = []
+    for ids in (true_ids, fake_ids):
+        text, mask = trainer.text_states.batch(ids, comp.device)
+        joint = trainer.model.pair_logits(text, mask, comp[cols]).float().cpu()
+        scores.append(gain * held.logits(ids, img, cap_img) + joint)
+    right = (scores[0] > scores[1]).float() + 0.5 * (scores[0] == scores[1]).float()
+    out = {}
+    for kind in sorted(set(kinds)):
+        sel = torch.tensor([k == kind for k in kinds])
+        out[f"binding_{kind}"] = round(100.0 * float(right[sel].mean()), 2)
+    out["binding"] = round(sum(out.values()) / len(out), 2)
+    return out

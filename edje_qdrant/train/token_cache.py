@@ -15,23 +15,21 @@ from PIL import Image
 
 from edje_qdrant.errors import InputError
 from edje_qdrant.models import dinov2
+from edje_qdrant.train.views import view_image
 
 log = logging.getLogger(__name__)
 ROWS = 1 + dinov2.NUM_PATCHES
 
 
 def load_pixels(images_dir: Path, names: list[str], view: str = "orig") -> torch.Tensor:
-    """Preprocessed pixels [B, 3, 224, 224] of ``names`` in ``images_dir``; ``view="flip"`` mirrors them."""
+    """Preprocessed pixels [B, 3, 224, 224] of ``names`` in ``images_dir``, in one of ``views.VIEWS``."""
     pixels = []
     for name in names:
         path = images_dir / name
         if not path.is_file():
             raise InputError(f"image {path} (listed in the captions file) does not exist")
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if view == "flip":
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            pixels.append(dinov2.preprocess_image(im))
+            pixels.append(dinov2.preprocess_image(view_image(im.convert("RGB"), view)))
     return torch.from_numpy(np.stack(pixels))
 
 
