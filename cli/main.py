@@ -232,13 +232,11 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
 @library_errors
 def info(store: str, url: str | None, api_key: str | None, collection: str, as_json: bool) -> None:
     """Show the collection: points, model, codec, disk use."""
-    from edje_qdrant.errors import StoreError
-
     target = open_store_from(store, url, api_key, create=False)
     try:
         spec = target.get_spec(collection)
         if spec is None:
-            raise StoreError(f"collection '{collection}' does not exist; run `edje-qdrant ingest DIR` first")
+            raise target.missing_collection(collection)
         data = {
             "collection": collection,
             "points": target.count(collection),

@@ -67,6 +67,14 @@ def test_errors_come_before_torch_is_imported(tiny_store, args, code, message):
     assert "torch" not in out["heavy"] and "transformers" not in out["heavy"], out
 
 
+@pytest.mark.parametrize("command", [["search", "a red circle"], ["info"]])
+def test_unknown_collection_names_the_ones_the_store_has(tiny_store, command):
+    out, _, err = probe(*command, "--store", str(tiny_store), "--collection", "imgs")
+    assert out["code"] == 1 and "collection 'imgs' does not exist" in err
+    assert "this store has: images" in err and "--collection imgs" in err  # never an ingest into `images`
+    assert "torch" not in out["heavy"], out
+
+
 def test_locked_store_is_reported_before_torch_is_imported(tiny_store):
     from edje_qdrant.store import EdgeStore
 
