@@ -226,6 +226,22 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
         click.echo(f"{r.score:.4f}  {r.path}")
 
 
+@main.command("demo-images")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--count", type=click.IntRange(min=1, max=10_000), default=36, show_default=True,
+              help="How many images to write.")
+def demo_images(folder: Path, count: int) -> None:
+    """Write a folder of generated demo images (coloured shapes, with captions) to try ingest and search on."""
+    from edje_qdrant.demo_images import write_demo_images
+
+    try:
+        paths = write_demo_images(folder, count)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write demo images under {folder}: {exc.strerror or exc}; pass a "
+                                   "writable folder") from None
+    click.echo(f"wrote {len(paths)} images under {folder}; next: edje-qdrant ingest {folder}")
+
+
 @main.command()
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
