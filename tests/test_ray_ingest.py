@@ -362,3 +362,28 @@ def test_the_default_preset_on_ray_stores_what_the_single_process_path_stores(ra
     finally:
         local.close()
         remote.close()
+
+
+def test_a_model_folder_that_changed_under_the_driver_stops_the_run_with_our_message(ray_cluster, tmp_path):
+    import torch
+
+    from edje_qdrant.errors import ModelMismatchError
+    from edje_qdrant.models import load_model
+    from edje_qdrant.models.official import save_compact
+
+    base = load_model("tiny-random", device="cpu")
+    folder = save_compact(base.reranker, tmp_path / "model", preset="tiny-random")
+    model = load_model(str(folder), device="cpu")
+    with torch.no_grad():
+        for p in base.reranker.parameters():
+            p.add_(0.5)
+    save_compact(base.reranker, folder, preset="tiny-random")  # what a worker node would find: other weights
+    _many_images(tmp_path / "imgs", 3)
+    store = open_store(path=str(tmp_path / "edge"))
+    try:
+        with pytest.raises(ModelMismatchError, match="a Ray worker could not start: .* loads as tiny-random-.* but "
+                                                     "the driver's is tiny-random-"):
+            ingest(tmp_path / "imgs", store, model, executor="ray", ray_options=RayOptions(workers=1))
+        assert store.count("images") == 0
+    finally:
+        store.close()

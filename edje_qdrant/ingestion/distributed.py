@@ -262,6 +262,20 @@ class EmbedWorker:
         }
 
 
+def _worker_start_error(exc: Exception) -> Exception:
+    """Our own error when a worker failed to start with one (e.g. it could not rebuild the driver's model): Ray
+    reports it as an actor death with the worker's traceback as text; anything else is returned as it came."""
+    from .. import errors
+
+    if getattr(exc, "actor_init_failed", False):
+        for line in reversed(str(getattr(exc, "error_msg", "") or exc).splitlines()):
+            name, sep, message = line.strip().partition(": ")
+            kind = getattr(errors, name.rpartition(".")[2], None) if name.startswith("edje_qdrant.errors.") else None
+            if sep and isinstance(kind, type) and issubclass(kind, errors.EdjeError):
+                return kind(f"a Ray worker could not start: {message}")
+    return exc
+
+
 def _failure(reason: str, error_type: str, kind: str) -> bytes:
     return msgpack.packb([reason, error_type, kind])
 
@@ -317,7 +331,10 @@ class _RayRun(RunBase):
         try:
             todo = self._hash_and_check()
             if todo:
-                self._embed(todo)
+                try:
+                    self._embed(todo)
+                except self.ray.exceptions.RayActorError as exc:
+                    raise _worker_start_error(exc) from None
             self._write()
             self._sync()
         except BaseException as exc:
