@@ -304,3 +304,22 @@ def test_progress_bars_only_on_a_terminal_or_when_asked(tmp_path, demo_folder):
                           str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stderr.strip() == f"no images found under {empty} (nothing ingested, nothing " \
                                                           "removed)"
+
+
+# ---- issue 19 (3): a search by image loads what it needs on plain torch (no transformers: its import and the random
+# initialisation of a transformers Dinov2Model took ~6 s of a 9-11 s cold start)
+@needs_preset
+def test_search_by_image_with_the_default_preset_imports_no_transformers(tmp_path):
+    from PIL import Image
+
+    from edje_qdrant.models import load_model
+
+    model = load_model(DEFAULT_PRESET, device="cpu")  # full load: fills the fingerprint cache of this session
+    store = tmp_path / "store"
+    _write_points(store, model)
+    photo = tmp_path / "query.jpg"
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photo)
+    out, stdout, err = probe("search", "--image", str(photo), "--store", str(store), "-k", "3", "--json")
+    assert out["code"] == 0, err
+    assert len(json.loads(stdout)) == 3
+    assert "transformers" not in out["heavy"], out
