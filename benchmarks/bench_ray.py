@@ -4,7 +4,7 @@ single-process pipeline, same images, same model, same batch size, Edge store (t
 On one machine Ray buys no compute (the workers share the same cores); the point is what it costs. The
 single-process run goes first and last (after a warm-up forward), and ``vs single`` divides by the mean of the two,
 so drift of the shared machine's load shows up as the gap between them. ``first batch s`` is when the first batch
-was stored: the fixed start (hash tasks, actors importing torch and unpickling the model) plus one batch.
+was stored: the fixed start (hash tasks, actors importing torch and building the model) plus one batch.
 
     python benchmarks/bench_ray.py [--quick] [--images N]
 """

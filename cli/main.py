@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .options import library_errors, model_options, open_store_from, store_options
+from .options import library_errors, model_options, open_store_from, progress_option, show_progress, store_options
 from .render_options import render_options, write_renders
 from .serve import serve
 
@@ -104,11 +104,12 @@ def _scale_setup(scale: dict, workers: int | None):
 @click.option("--no-prune", is_flag=True,
               help="Keep the points of files deleted or changed under FOLDER (default: remove them).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON summary object.")
+@progress_option
 @scale_options
 @library_errors
 def ingest(folder: Path, store: str, url: str | None, api_key: str | None, collection: str, model: str,
            device: str | None, dtype: str, batch_size: int | None, workers: int | None,
-           errors_file: Path | None, no_prune: bool, as_json: bool, scale: dict) -> None:
+           errors_file: Path | None, no_prune: bool, as_json: bool, progress: bool | None, scale: dict) -> None:
     """Ingest every image under FOLDER and keep the collection in sync with it (recursive, resumable).
 
     Points of files deleted from FOLDER, and the old version of a changed file, are removed; a moved or renamed
@@ -116,24 +117,23 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
     """
     layout, ray_options = _scale_setup(scale, workers)
     executor = {"executor": "ray", "ray_options": ray_options, "workers": None} if ray_options else {}
-    try:  # Ctrl-C while the libraries or the model load: a clean exit too, nothing was written yet
+    try:  # Ctrl-C while the libraries load: a clean exit too, nothing was written yet
         from edje_qdrant.ingestion import ingest as run_ingest
-        from edje_qdrant.models import load_model
-
-        edje_model = load_model(model, device=device)  # first: a bad --model creates no store
     except KeyboardInterrupt:
         click.echo("interrupted before ingesting anything", err=True)
         sys.exit(130)
     from tqdm import tqdm
 
     tqdm.monitor_interval = 0  # no tqdm monitor thread: nothing of ours is left running at interpreter exit
-    target = open_store_from(store, url, api_key, collection_options=layout)
+    # A store folder goes to ingest as a path: it checks the folder and the store's lock before the model loads,
+    # and creates a new store only once the model loaded (a bad folder, lock or --model leaves nothing behind).
+    target = open_store_from(store, url, api_key, collection_options=layout) if url or layout else store
     if errors_file is None and not url:
         errors_file = Path(store) / "ingest-errors.jsonl"
     try:
-        report = run_ingest(folder, target, edje_model, collection, dtype=dtype, batch_size=batch_size,
-                            **{"workers": workers, **executor}, errors_file=errors_file, progress=not as_json,
-                            prune=not no_prune)
+        report = run_ingest(folder, target, model, collection, device=device, dtype=dtype, batch_size=batch_size,
+                            **{"workers": workers, **executor}, errors_file=errors_file,
+                            progress=show_progress(progress, as_json), prune=not no_prune)
     except KeyboardInterrupt as exc:
         partial = getattr(exc, "ingest_report", None)
         done = (f" (ingested {partial.ingested}, skipped-existing {partial.skipped_existing}, failed {partial.failed})"
@@ -142,7 +142,8 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
                    err=True)
         sys.exit(130)
     finally:
-        target.close()
+        if not isinstance(target, str):
+            target.close()
     if report.seen == 0:
         click.echo(f"no images found under {folder} (nothing ingested, nothing removed)", err=True)
     if as_json:
@@ -226,19 +227,33 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
         click.echo(f"{r.score:.4f}  {r.path}")
 
 
+@main.command("demo-images")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--count", type=click.IntRange(min=1, max=10_000), default=36, show_default=True,
+              help="How many images to write.")
+def demo_images(folder: Path, count: int) -> None:
+    """Write a folder of generated demo images (coloured shapes, with captions) to try ingest and search on."""
+    from edje_qdrant.demo_images import write_demo_images
+
+    try:
+        paths = write_demo_images(folder, count)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write demo images under {folder}: {exc.strerror or exc}; pass a "
+                                   "writable folder") from None
+    click.echo(f"wrote {len(paths)} images under {folder}; next: edje-qdrant ingest {folder}")
+
+
 @main.command()
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @library_errors
 def info(store: str, url: str | None, api_key: str | None, collection: str, as_json: bool) -> None:
     """Show the collection: points, model, codec, disk use."""
-    from edje_qdrant.errors import StoreError
-
     target = open_store_from(store, url, api_key, create=False)
     try:
         spec = target.get_spec(collection)
         if spec is None:
-            raise StoreError(f"collection '{collection}' does not exist; run `edje-qdrant ingest DIR` first")
+            raise target.missing_collection(collection)
         data = {
             "collection": collection,
             "points": target.count(collection),
@@ -315,6 +330,7 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
 @click.option("--device", envvar="EDJE_DEVICE", show_envvar=True, default=None, help="torch device.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@progress_option
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Reranker: override one training option (e.g. mining=global, lr=1e-4, mlm_weight=0); "
                    "repeatable. Options are the fields of edje_qdrant.train.edje.EdjeTrainOptions.")
@@ -322,7 +338,7 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
 def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, text_layers: int, steps: int,
           batch_size: int | None,
           time_limit: float | None, cache: Path | None, export_to: Path | None, device: str | None,
-          precision: str, resume: bool, settings: tuple[str, ...]) -> None:
+          precision: str, resume: bool, progress: bool | None, settings: tuple[str, ...]) -> None:
     """Train the offline model on captioned images (resumable; checkpoints in --out)."""
     from edje_qdrant.errors import InputError
     from edje_qdrant.train import export_preset, train_first_stage, train_reranker
@@ -342,18 +358,20 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, text
         except ValueError:
             options[key] = raw
     sized = {"batch_size": batch_size} if batch_size else {}
+    bars = show_progress(progress)
     if stage == "first":
         result = train_first_stage(captions, images, out, cache=cache, epochs=epochs, device=device,
-                                   precision=precision, resume=resume, train_layers=text_layers, **sized)
+                                   precision=precision, resume=resume, train_layers=text_layers, progress=bars,
+                                   **sized)
     elif stage == "reranker":
         limit = {"time_limit_s": time_limit} if time_limit else {}
         result = train_reranker(captions, images, out, cache=cache, steps=steps, device=device,
-                                precision=precision, resume=resume, **sized, **limit, **options)
+                                precision=precision, resume=resume, progress=bars, **sized, **limit, **options)
     elif stage == "split":
         from edje_qdrant.train.pipeline import train_split
 
         result = train_split(captions, images, out, options, token_root=cache, device=device, precision=precision,
-                             resume=resume)
+                             resume=resume, progress=bars)
     else:
         if export_to is None:
             raise InputError(f"--stage {stage} needs --export-to FOLDER")
@@ -389,10 +407,11 @@ def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, text
                    "three ways, R@1 of the queries naming a colour or a person, top-1/top-5 change rates; "
                    "rerank_k is the largest --rerank-k.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@progress_option
 @library_errors
 def eval_command(captions: Path, images: Path, split: str, model: str, device: str | None, rerank_ks: str,
                  dtype: str, eval_store: str | None, max_queries: int | None, plot: Path | None, binding: bool,
-                 as_json: bool) -> None:
+                 as_json: bool, progress: bool | None) -> None:
     """Recall@1/5/10 (text->image, image->text), first stage and re-ranked, through ingest + Retriever.
 
     "rerank K" rows use the model's default score, exactly what `search --rerank-k K` returns; the R@1 gain over
@@ -406,7 +425,7 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
         ks = [int(x) for x in rerank_ks.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--rerank-k must be comma-separated integers, got {rerank_ks!r}") from None
-    bar = _progress_bar(not as_json)
+    bar = _progress_bar(show_progress(progress, as_json))
     if binding:
         from edje_qdrant.binding import evaluate_binding
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Callable
 
 import click
@@ -41,6 +42,20 @@ def model_options(default_model: str | None) -> Callable[[Callable[..., Any]], C
         return func
 
     return wrap
+
+
+def progress_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--progress/--no-progress (passed as ``progress``: True, False or None for "decide by the terminal")."""
+    return click.option("--progress/--no-progress", "progress", default=None,
+                        help="Progress bars on stderr (default: only when stderr is a terminal and without "
+                             "--json; piped or redirected output stays free of them).")(func)
+
+
+def show_progress(progress: bool | None, as_json: bool = False) -> bool:
+    """Whether to draw progress bars: as --progress/--no-progress says, else only on a terminal, never with --json."""
+    if progress is not None:
+        return progress
+    return not as_json and sys.stderr.isatty()
 
 
 def open_store_from(store: str, url: str | None, api_key: str | None, *, create: bool = True,

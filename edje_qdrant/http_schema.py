@@ -56,7 +56,12 @@ def bounded_number(low: float, high: float) -> Any:
 
 
 Text = Annotated[StrictStr, Field(max_length=MAX_FILTER_TEXT)]
-Int64 = whole_number(-(2**63), 2**63 - 1, "")
+# Integers a JSON reader that parses numbers as doubles still reads exactly. Past 2**53 a value and a bound can
+# round to the same double (9223372036854775999 reads as 2**63), so a schema bounded at int64 accepts values the
+# service rejects; within +-(2**53 - 1) every reader, the schema and the service agree.
+MAX_SAFE_INT = 2**53 - 1
+SafeInt = whole_number(-MAX_SAFE_INT, MAX_SAFE_INT, "an integer within +-(2**53 - 1), read exactly by every JSON "
+                                                    "reader (Qdrant stores int64; larger values are not supported)")
 Number = bounded_number(-1e15, 1e15)
 PayloadKey = Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,3}$",
                                         description="a payload key such as metadata.folder")]
@@ -94,7 +99,7 @@ class SmallFilter(BaseModel):
 
 class MatchValue(BaseModel):
     model_config = _STRICT
-    value: Union[StrictBool, Int64, Text]
+    value: Union[StrictBool, SafeInt, Text]
 
 
 class MatchAny(BaseModel):

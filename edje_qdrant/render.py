@@ -10,6 +10,7 @@ import html
 import io
 import logging
 import math
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from edje_qdrant.errors import InputError
-from edje_qdrant.scores import infer_fusion_weight, score_formula
+from edje_qdrant.scores import FIRST_STAGE_LEGEND, infer_fusion_weight, score_formula
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,43 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+_ASCII_FALLBACK = {"×": "x", "–": "-", "—": "-", "‘": "'", "’": "'", "…": "..."}
+
+
+def drawable(text: str, font: Any) -> str:
+    """``text`` with each character the font has no glyph for (drawn as a box) replaced: typographic signs by
+    their ASCII look-alike, accented letters by the bare letter; other characters stay as they are."""
+    missing = _missing_glyph(font)
+    if missing is None:
+        return text
+    out = []
+    for ch in text:
+        if ch.isascii() or _glyph(font, ch) != missing:
+            out.append(ch)
+            continue
+        bare = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        out.append(_ASCII_FALLBACK.get(ch) or (bare if bare and all(_glyph(font, c) != missing for c in bare) else ch))
+    return "".join(out)
+
+
+def _glyph(font: Any, ch: str) -> tuple[Any, bytes] | None:
+    try:
+        mask = font.getmask(ch)
+    except Exception:  # a bitmap font that cannot encode the character
+        return None
+    return mask.size, bytes(mask)
+
+
+def _missing_glyph(font: Any) -> tuple[Any, bytes] | None:
+    """What the font draws for a character it lacks (its "missing glyph" box); None for fonts without one."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return None
+    return _glyph(font, "\U0010FFFD")  # a private-use code point no font covers
+
+
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text`` cut with an ellipsis so it fits ``width`` pixels."""
-    text = " ".join(text.split())
+    """``text`` cut with an ellipsis so it fits ``width`` pixels, in characters the font can draw."""
+    text = drawable(" ".join(text.split()), font)
     if draw.textlength(text, font=font) <= width:
         return text
     lo, hi = 0, len(text)
@@ -130,11 +165,13 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 
 
 def _legend(rows: list[dict[str, Any]], fusion_weight: float | None) -> str:
-    """How ``score`` is formed, for the page/sheet (the weight inferred from the rows when not given)."""
+    """How ``score`` is formed, for the page/sheet: a list where no hit was re-ranked (``--rerank-k 0``, search by
+    image) is sorted by the first-stage cosine whatever the model's fusion weight; else the formula, with the
+    weight inferred from the rows when not given."""
+    if not any(r["rerank"] is not None for r in rows) and (rows or fusion_weight is None):
+        return FIRST_STAGE_LEGEND
     if fusion_weight is None:
         fusion_weight = infer_fusion_weight((r["score"], r["first"], r["rerank"]) for r in rows)
-    if fusion_weight is None and not any(r["rerank"] is not None for r in rows):
-        return "score = first-stage (not re-ranked); results are sorted by score"
     return score_formula(fusion_weight)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .codec import decode_batch, decode_tokens
-from .errors import InputError, ModelMismatchError, StoreError
+from .errors import InputError, ModelMismatchError
 from .microbatch import MicroBatcher
 from .rules import (METADATA_KEY, PAGE_CONTENT_KEY, RESULT_PAYLOAD_KEYS, SOURCE_KEY, TOKENS_KEY, canonical_id,
                     check_counts, check_search_args)
@@ -69,7 +69,7 @@ class Retriever:
         self.collection = collection
         spec = self.store.get_spec(collection)
         if spec is None:
-            raise StoreError(f"collection '{collection}' does not exist; run `edje-qdrant ingest DIR` first")
+            raise self.store.missing_collection(collection)
         if model is None:
             model = spec.model
         if isinstance(model, str):

@@ -18,14 +18,18 @@ def fused_score(rerank_score: float, first_stage_score: float, fusion_weight: fl
 
 
 def score_formula(fusion_weight: float | None) -> str:
-    """One line saying how ``score`` is formed, for legends (None: the weight is unknown)."""
+    """One line saying how ``score`` is formed, for legends of re-ranked lists (None: the weight is unknown). Plain
+    ASCII ("x", as in ``search --help``): the contact sheet's built-in font has no "×"."""
     if fusion_weight is None:
-        fused = "rerank + fusion weight × first-stage"
+        fused = "rerank + fusion weight x first-stage"
     elif fusion_weight:
-        fused = f"rerank + {fusion_weight:.4g} × first-stage"
+        fused = f"rerank + {fusion_weight:.4g} x first-stage"
     else:
         fused = "rerank"
     return f"score = {fused} when re-ranked, = first-stage when not; results are sorted by score"
+
+
+FIRST_STAGE_LEGEND = "score = first-stage (not re-ranked); results are sorted by score"
 
 
 def infer_fusion_weight(rows: Iterable[tuple[Any, Any, Any]]) -> float | None:

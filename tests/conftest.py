@@ -51,7 +51,8 @@ def demo_folder(tmp_path_factory) -> Path:
     """12 generated PNG/JPEG images in three sub-folders, with sidecar captions."""
     import random
 
-    demo = load_example("make_demo_images")
+    from edje_qdrant import demo_images as demo
+
     out = tmp_path_factory.mktemp("demo")
     rng = random.Random(1)
     for i, (shape, colour) in enumerate(

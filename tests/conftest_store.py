@@ -83,6 +83,11 @@ def check_spec_create_and_verify(store: Any, prefix: str = "") -> None:
         store.open_collection(prefix + "specs", SPEC, create=False)
     store.open_collection(prefix + "specs", SPEC)
     assert store.get_spec(prefix + "specs") == SPEC
+    assert prefix + "specs" in store.collections() and store.collections() == sorted(store.collections())
+    # a typo'd name: the message names what the store has and how to create this one (not a bare ingest)
+    with pytest.raises(StoreError, match=rf"'{prefix}spex' does not exist.*this store has: .*{prefix}specs.*"
+                                         rf"ingest DIR --collection {prefix}spex"):
+        store.open_collection(prefix + "spex", SPEC, create=False)
     store.open_collection(prefix + "specs", SPEC)  # same spec: fine
     store.open_collection(prefix + "specs", SPEC, create=False)
     # another preset name with the same weights fingerprint is the same model

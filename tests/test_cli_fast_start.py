@@ -67,6 +67,14 @@ def test_errors_come_before_torch_is_imported(tiny_store, args, code, message):
     assert "torch" not in out["heavy"] and "transformers" not in out["heavy"], out
 
 
+@pytest.mark.parametrize("command", [["search", "a red circle"], ["info"]])
+def test_unknown_collection_names_the_ones_the_store_has(tiny_store, command):
+    out, _, err = probe(*command, "--store", str(tiny_store), "--collection", "imgs")
+    assert out["code"] == 1 and "collection 'imgs' does not exist" in err
+    assert "this store has: images" in err and "--collection imgs" in err  # never an ingest into `images`
+    assert "torch" not in out["heavy"], out
+
+
 def test_locked_store_is_reported_before_torch_is_imported(tiny_store):
     from edje_qdrant.store import EdgeStore
 
@@ -208,3 +216,110 @@ def _write_points(store: Path, model) -> None:
                                       payload={"page_content": f"p{i}", "metadata": {"source": f"p{i}.jpg"},
                                                TOKENS_KEY: encode_tokens(tokens, "fp16")}))
         s.upsert("images", points)
+
+
+# ---- issue 19 (2): ingest checks the folder, the store and its lock before any model loads, and creates nothing
+def test_ingest_of_a_missing_folder_loads_nothing_and_creates_nothing(tmp_path):
+    store = tmp_path / "store"
+    out, _, err = probe("ingest", str(tmp_path / "no-such-folder"), "--store", str(store))
+    assert out["code"] == 1 and "no-such-folder does not exist" in err
+    assert "torch" not in out["heavy"], out  # the default preset was not loaded
+    assert not store.exists()  # no store folder, no lock file
+
+
+def test_ingest_of_an_empty_folder_creates_no_store_and_no_collection(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    store = tmp_path / "store"
+    out, stdout, err = probe("ingest", str(empty), "--store", str(store))
+    assert out["code"] == 0 and f"no images found under {empty}" in err
+    assert "torch" not in out["heavy"], out
+    assert not store.exists()
+    from edje_qdrant.store import EdgeStore
+
+    existing = tmp_path / "existing"
+    EdgeStore(existing).close()
+    out, _, _ = probe("ingest", str(empty), "--store", str(existing), "--model", "tiny-random")
+    assert out["code"] == 0 and sorted(p.name for p in existing.iterdir()) == [".edje-store.lock"]
+
+
+def test_ingest_into_a_locked_store_is_refused_before_the_model_loads(tiny_store, demo_folder):
+    from edje_qdrant.store import EdgeStore
+
+    holder = EdgeStore(tiny_store)
+    try:
+        out, _, err = probe("ingest", str(demo_folder), "--store", str(tiny_store))
+    finally:
+        holder.close()
+    assert out["code"] == 1 and "already open by" in err
+    assert "torch" not in out["heavy"], out
+
+
+# ---- issue 19 (4): progress bars are for a terminal: on stderr when it is one, or with --progress
+def _ingest_with_stderr(demo_folder, store, stderr_tty: bool, *extra: str) -> str:
+    """`edje-qdrant ingest` in a fresh process, stderr a pipe or a pseudo-terminal; returns what stderr got."""
+    import pty
+
+    cmd = [sys.executable, "-m", "edje_qdrant.cli.main", "ingest", str(demo_folder), "--store", str(store),
+           "--model", "tiny-random", *extra]
+    if not stderr_tty:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process exited
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal_or_when_asked(tmp_path, demo_folder):
+    piped = _ingest_with_stderr(demo_folder, tmp_path / "a", False)
+    assert "img/s" not in piped and "ingest:" not in piped, piped  # a pipe or a log file stays clean
+    asked = _ingest_with_stderr(demo_folder, tmp_path / "b", False, "--progress")
+    assert "12/12" in asked and "img/s" in asked
+    terminal = _ingest_with_stderr(demo_folder, tmp_path / "c", True)
+    assert "12/12" in terminal and "img/s" in terminal
+    quiet = _ingest_with_stderr(demo_folder, tmp_path / "d", True, "--no-progress")
+    assert "img/s" not in quiet
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "-m", "edje_qdrant.cli.main", "ingest", str(empty), "--store",
+                          str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stderr.strip() == f"no images found under {empty} (nothing ingested, nothing " \
+                                                          "removed)"
+
+
+# ---- issue 19 (3): a search by image loads what it needs on plain torch (no transformers: its import and the random
+# initialisation of a transformers Dinov2Model took ~6 s of a 9-11 s cold start)
+@needs_preset
+def test_search_by_image_with_the_default_preset_imports_no_transformers(tmp_path):
+    from PIL import Image
+
+    from edje_qdrant.models import load_model
+
+    model = load_model(DEFAULT_PRESET, device="cpu")  # full load: fills the fingerprint cache of this session
+    store = tmp_path / "store"
+    _write_points(store, model)
+    photo = tmp_path / "query.jpg"
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photo)
+    out, stdout, err = probe("search", "--image", str(photo), "--store", str(store), "-k", "3", "--json")
+    assert out["code"] == 0, err
+    assert len(json.loads(stdout)) == 3
+    assert "transformers" not in out["heavy"], out

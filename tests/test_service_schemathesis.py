@@ -92,3 +92,52 @@ def test_schema_states_the_limits(app):
     small = spec["components"]["schemas"]["SmallFilter"]
     assert small["additionalProperties"] is False
     assert set(small["properties"]) == set(FILTER_KEYS)  # the rules' filter keys, no more
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_coverage_phase_boundaries_are_answered_as_the_schema_says(app, api_schema, mode):
+    """The boundary values `schemathesis run` tries first (its coverage phase: each bound, just inside and just
+    outside it). A match value bounded at int64 failed here: 9223372036854775999 reads as 2**63 in a double, so
+    the schema let it through and the service answered 422 (issue 19)."""
+    from schemathesis.generation import GenerationMode
+
+    operation = next(r.ok() for r in api_schema.get_all_operations() if r.ok().path == "/search")
+    config = api_schema.config.generation_for(operation=operation, phase="coverage")
+    cases = list(api_schema.iter_coverage_cases(operation, generation_modes=[GenerationMode(mode)],
+                                                generation_config=config))
+    assert len(cases) > 20
+    wrong = []
+    for case in cases:
+        response = case.call()
+        if mode == "negative":
+            if not 400 <= response.status_code < 500:
+                wrong.append((case.body, response.status_code))
+        elif _breaks_k_rule(case):
+            if response.status_code != 422:
+                wrong.append((case.body, response.status_code))
+        elif response.status_code != 200:
+            wrong.append((case.body, response.status_code, response.text[:300]))
+    assert not wrong, wrong[:3]
+
+
+def test_match_values_are_bounded_where_every_json_reader_agrees(app):
+    from fastapi.testclient import TestClient
+
+    from edje_qdrant.http_schema import MAX_SAFE_INT
+
+    client = TestClient(app)
+    value_schema = client.get("/openapi.json").json()["components"]["schemas"]["MatchValue"]["properties"]["value"]
+    integer = next(s for s in value_schema["anyOf"] if s.get("type") == "integer")
+    assert (integer["minimum"], integer["maximum"]) == (-MAX_SAFE_INT, MAX_SAFE_INT) == (-(2**53 - 1), 2**53 - 1)
+    assert float(MAX_SAFE_INT) != float(MAX_SAFE_INT + 1)  # the bound and the first value past it stay apart
+
+    def status(value):
+        body = {"query": "a", "k": 2, "rerank_k": 4,
+                "filter": {"must_not": [{"key": "metadata.width", "match": {"value": value}}]}}
+        return client.post("/search", json=body)
+
+    assert status(MAX_SAFE_INT).status_code == 200 and status(-MAX_SAFE_INT).status_code == 200
+    for value in (MAX_SAFE_INT + 1, 9223372036854775999, -(2**63)):
+        response = status(value)
+        assert response.status_code == 422, response.text
+        assert "less than or equal" in response.text or "greater than or equal" in response.text

@@ -4,8 +4,11 @@ Phases (the same rules as the single-process ``pipeline``, so ids, vectors and p
   driver       walks the folder (listing only)
   Ray tasks    hash the files (the ids: UUIDv5 of the sha256), in walk order
   driver       drops duplicates and asks the store which ids exist, *before* anything is decoded
-  Ray actors   read, decode, preprocess, run the vision tower + adapter in batches (``workers`` actors, each
-               with ``gpus_per_worker`` GPUs), encode the tokens; then either upsert the points themselves
+  Ray actors   build the model themselves from what names it (the preset name or model folder, plus the
+               fingerprint they must reproduce: a model holds locks and deferred towers, and nothing that
+               cannot be pickled crosses a process boundary), then read, decode, preprocess, run the vision
+               tower + adapter in batches (``workers`` actors, each with ``gpus_per_worker`` GPUs), encode the
+               tokens; then either upsert the points themselves
                (a Qdrant server: every actor has its own client) or hand them back to the driver, the one
                writer of a single-process store (Qdrant Edge, qdrant-client local mode)
 Every upsert is durable when it returns and point ids come from the content, so a killed actor (Ray restarts
@@ -16,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +29,8 @@ import msgpack
 import numpy as np
 
 from ..codec import encode_tokens
-from ..errors import CodecError, InputError, install_hint
+from .. import errors
+from ..errors import CodecError, InputError, ModelMismatchError, install_hint
 from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
 from ..store.base import CollectionSpec, PointRecord
 from .decode import DEFAULT_MAX_PIXELS, UnusableFile, register_plugins
@@ -106,6 +111,9 @@ def ingest_on_ray(folder: str | os.PathLike[str], store: Any, model: Any, collec
     ``options.workers``. The collection is synced with the folder afterwards exactly as ``ingest`` does."""
     opts = options or RayOptions()
     ray = import_ray()
+    if not getattr(model, "source", ""):
+        raise InputError("ingest on Ray rebuilds the model in each worker from its preset name or model folder; this "
+                         "model has none (built by hand?): pass the name or folder, or a model from load_model()")
     threads = workers if workers is not None else opts.decode_threads
     settings = _settings(folder, model, collection, dtype, batch_size, threads, max_pixels, file_timeout)
     spec = collection_spec(model, dtype)
@@ -152,23 +160,6 @@ def _connect(ray: Any, opts: RayOptions) -> bool:
     return True
 
 
-def _model_for_workers(model: Any) -> Any:
-    """The model without its text tower (ingest does not need it), on the CPU so any node can load it."""
-    worker_model = replace(model, text=None)
-    for part in (worker_model.vision, worker_model.reranker):
-        params = list(getattr(part, "parameters", lambda: [])())
-        if any(p.device.type != "cpu" for p in params):
-            import copy
-
-            worker_model = replace(worker_model, vision=copy.deepcopy(model.vision).cpu(),
-                                   reranker=copy.deepcopy(model.reranker).cpu())
-            break
-    import torch
-
-    worker_model.device = torch.device("cpu")
-    return worker_model
-
-
 # -------------------------------------------------------------------------------------------- Ray-side work
 
 _pools: dict[str, TaskPool] = {}
@@ -198,22 +189,28 @@ def _hash_batch(batch: dict[str, np.ndarray], file_timeout: float) -> dict[str, 
             "error_type": np.array(etype, dtype=object)}
 
 
+def worker_model(source: str, fingerprint: str, precision: str, device: str) -> Any:
+    """The model a worker embeds with, built here from what names it; ModelMismatchError when it is not the
+    driver's model (another version of the folder or the wheels on this node would store other vectors)."""
+    from ..models import load_model  # torch: only in processes that embed
+
+    model = load_model(source, device=device, precision=precision, parts=("vision", "reranker"))
+    if model.fingerprint != fingerprint:
+        raise ModelMismatchError(
+            f"Ray worker on {socket.gethostname()}: model {source!r} loads as {model.fingerprint}, but the driver's "
+            f"is {fingerprint}; install the same edje-qdrant, model wheels and model folder on every node")
+    return model
+
+
 class EmbedWorker:
     """Ray actor: file -> decoded pixels -> vision tower + adapter -> point; writes it or returns it."""
 
-    def __init__(self, model_ref: Any, settings: _Settings, fingerprint: str,
+    def __init__(self, model_source: str, fingerprint: str, precision: str, settings: _Settings,
                  connection: dict[str, Any] | None, spec: CollectionSpec) -> None:
         import ray
-        import torch
 
-        ref = model_ref[0] if isinstance(model_ref, list) else model_ref
-        model = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-        device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-        if device.type != "cpu":
-            model.vision.to(device)
-            model.reranker.to(device)
-            model.device = device
-        self.model = model
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.model = worker_model(model_source, fingerprint, precision, device)
         self.s = settings
         self.fingerprint = fingerprint
         self.sink = None
@@ -263,6 +260,18 @@ class EmbedWorker:
             "path": np.array([r[2] for r in rows], dtype=object),
             "body": np.array([r[3] for r in rows], dtype=object),
         }
+
+
+def _worker_start_error(exc: Exception) -> Exception:
+    """Our own error when a worker failed to start with one (e.g. it could not rebuild the driver's model): Ray
+    reports it as an actor death with the worker's traceback as text; anything else is returned as it came."""
+    if getattr(exc, "actor_init_failed", False):
+        for line in reversed(str(getattr(exc, "error_msg", "") or exc).splitlines()):
+            name, sep, message = line.strip().partition(": ")
+            kind = getattr(errors, name.rpartition(".")[2], None) if name.startswith("edje_qdrant.errors.") else None
+            if sep and isinstance(kind, type) and issubclass(kind, errors.EdjeError):
+                return kind(f"a Ray worker could not start: {message}")
+    return exc
 
 
 def _failure(reason: str, error_type: str, kind: str) -> bytes:
@@ -320,7 +329,10 @@ class _RayRun(RunBase):
         try:
             todo = self._hash_and_check()
             if todo:
-                self._embed(todo)
+                try:
+                    self._embed(todo)
+                except self.ray.exceptions.RayActorError as exc:
+                    raise _worker_start_error(exc) from None
             self._write()
             self._sync()
         except BaseException as exc:
@@ -395,13 +407,16 @@ class _RayRun(RunBase):
 
     # -- phase 2: decode + embed on the actor pool; write (actors or here)
     def _embed(self, todo: list[dict[str, Any]]) -> None:
-        model_ref = self.ray.put(_model_for_workers(self.model))
         bs = self.s.batch_size
         blocks = max(1, -(-len(todo) // bs))
         ds = self.ray.data.from_items(todo, override_num_blocks=blocks)
         embedded = ds.map_batches(
             EmbedWorker,
-            fn_constructor_kwargs={"model_ref": [model_ref], "settings": self.s, "fingerprint": self.spec.fingerprint,
+            fn_constructor_kwargs={"model_source": self.model.source, "fingerprint": self.spec.fingerprint,
+                                   # the driver's precision, so vectors match a single-process run (int8 only
+                                   # changes re-ranking, which ingest does not run)
+                                   "precision": "bf16" if self.model.precision == "bf16" else "fp32",
+                                   "settings": self.s,
                                    "connection": self.connection, "spec": self.spec},
             batch_size=bs,
             batch_format="numpy",

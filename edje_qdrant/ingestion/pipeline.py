@@ -111,6 +111,7 @@ def ingest(
     model: Any,
     collection: str = "images",
     *,
+    device: str | None = None,
     dtype: str = "fp16",
     batch_size: int | None = None,
     workers: int | None = None,
@@ -131,6 +132,8 @@ def ingest(
     ``folder`` are considered, and nothing is removed after an interrupted walk, a walk that found no image, or
     with ``prune=False`` (see ``ingestion.sync`` for the rules).
 
+    ``device`` places a model given by name (None: cuda when available, else cpu).
+
     ``executor="ray"`` spreads hashing and the model over a Ray cluster (``ray_options``: a
     ``distributed.RayOptions``; needs the ``ray`` extra), with the same ids, points and report.
 
@@ -141,23 +144,39 @@ def ingest(
     abandons a file whose hashing or decoding takes longer. On KeyboardInterrupt the workers stop,
     everything already upserted stays, and the interrupt is re-raised with the partial report attached
     as ``exc.ingest_report``.
+
+    What costs nothing is checked before what costs seconds: the folder and the options, then whether the folder
+    holds any image (an empty folder returns an empty report and creates no store and no collection), then the
+    store and its lock (an existing store is opened now), and only then is a named model loaded; a store folder
+    that does not exist yet is created after that, so a bad folder, a locked store or a bad model leaves nothing.
     """
-    _root(folder)  # before anything is opened or created
+    root = _root(folder)
+    _check_options(dtype, batch_size, workers, max_pixels, file_timeout)
+    if _holds_nothing(root):
+        log.info("ingest %s: no image found; nothing ingested, nothing removed", display_path(root))
+        return IngestReport(prune_skipped="no images found")
     owned = isinstance(store, (str, os.PathLike))  # a folder path: this call opens the store and closes it
-    target = open_store(store)
+    target = open_store(store) if not owned or os.path.exists(os.path.expanduser(store)) else None
     try:
         if isinstance(model, (str, os.PathLike)):
             from ..models import load_model
 
-            model = load_model(os.fspath(model))
+            model = load_model(os.fspath(model), device=device)
+        if target is None:  # a new store folder: created once the model has loaded
+            target = open_store(store)
         kwargs = dict(dtype=dtype, batch_size=batch_size, workers=workers, errors_file=errors_file,
                       progress=progress, max_pixels=max_pixels, file_timeout=file_timeout, prune=prune)
         if executor != "local":
             return _ingest_elsewhere(executor, ray_options, folder, target, model, collection, **kwargs)
         return _ingest_here(folder, target, model, collection, **kwargs)
     finally:
-        if owned:
+        if owned and target is not None:
             target.close()
+
+
+def _holds_nothing(root: Path) -> bool:
+    """True when the walk meets neither an image nor a problem under ``root`` (it stops at the first)."""
+    return next(iter(walk_images(root)), None) is None
 
 
 def _ingest_here(folder: Any, store: Any, model: Any, collection: str, *, dtype: str, batch_size: int | None,
@@ -192,16 +211,26 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-def _settings(folder: Any, model: Any, collection: str, dtype: str, batch_size: int | None, workers: int | None,
-              max_pixels: int, file_timeout: float) -> _Settings:
-    root = _root(folder)
+def _check_options(dtype: str, batch_size: int | None, workers: int | None, max_pixels: int,
+                   file_timeout: float) -> None:
+    """The options that need no model (InputError naming the bad one)."""
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    bs = _positive_int(batch_size if batch_size is not None else int(model.image_batch_size), "batch_size")
-    nw = _positive_int(workers if workers is not None else default_workers(), "workers")
+    if batch_size is not None:
+        _positive_int(batch_size, "batch_size")
+    if workers is not None:
+        _positive_int(workers, "workers")
     _positive_int(max_pixels, "max_pixels")
     if isinstance(file_timeout, bool) or not isinstance(file_timeout, (int, float)) or not file_timeout > 0:
         raise InputError(f"file_timeout must be a positive number of seconds, got {file_timeout!r}")
+
+
+def _settings(folder: Any, model: Any, collection: str, dtype: str, batch_size: int | None, workers: int | None,
+              max_pixels: int, file_timeout: float) -> _Settings:
+    root = _root(folder)
+    _check_options(dtype, batch_size, workers, max_pixels, file_timeout)
+    bs = _positive_int(batch_size if batch_size is not None else int(model.image_batch_size), "batch_size")
+    nw = workers if workers is not None else default_workers()
     return _Settings(root, collection, dtype, bs, nw, max_pixels, float(file_timeout), draft_size_for(model.vision))
 
 

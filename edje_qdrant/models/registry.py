@@ -230,6 +230,7 @@ def load_model(name_or_path: str, device: str | None = None, precision: str | No
         _place(part, dev)
     model.device = dev
     model.precision = prec
+    model.source = name if named else str(directory.resolve())  # what another process rebuilds it from
     log.info("loaded model %s (%s) on %s, %s", name, model.fingerprint, dev, prec)
     return model
 

@@ -6,7 +6,7 @@ import re
 from typing import Any, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from edje_qdrant.errors import InputError, ModelMismatchError
+from edje_qdrant.errors import InputError, ModelMismatchError, StoreError
 from edje_qdrant.store.base import CollectionSpec
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -20,6 +20,22 @@ def check_collection_name(name: str) -> str:
             "starting with a letter or digit (e.g. --collection photos)"
         )
     return name
+
+
+_LISTED = 20  # collection names a message lists at most
+
+
+def missing_collection(name: str, where: str, existing: Sequence[str], option: str) -> StoreError:
+    """The error for a collection that is not there: names the ones that are (a typo'd --collection is the common
+    cause), and how to create this one. ``where`` labels the store, ``option`` is the flag that names it."""
+    names = sorted(existing)
+    if names:
+        shown = ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+        return StoreError(f"collection {name!r} does not exist in {where}; this store has: {shown}. Pass one of "
+                          f"those to --collection (EDJE_COLLECTION), or create {name!r} with `edje-qdrant ingest "
+                          f"DIR --collection {name}` (or check {option})")
+    return StoreError(f"collection {name!r} does not exist in {where}, which holds no collection yet; run `edje-qdrant "
+                      f"ingest DIR --collection {name}` first (or check {option})")
 
 
 def check_vector(vector: Sequence[float], dim: int, what: str) -> list[float]:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from edje_qdrant.errors import StoreError
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,12 @@ class Store(Protocol):
 
     def get_spec(self, name: str) -> CollectionSpec | None:
         """The recorded spec, or None when the collection does not exist."""
+
+    def collections(self) -> list[str]:
+        """Names of the collections in the store, sorted."""
+
+    def missing_collection(self, name: str) -> "StoreError":
+        """The error to raise for a collection the store does not hold (names the ones it does)."""
 
     def existing_ids(self, name: str, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` are stored."""

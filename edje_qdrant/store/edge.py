@@ -31,6 +31,7 @@ from edje_qdrant.store._common import (
     check_spec,
     check_vector,
     clip_vector,
+    missing_collection,
     payload_selector,
     verify_spec,
 )
@@ -130,11 +131,18 @@ class EdgeStore:
             self._collections[name] = self._load(name, spec)
             log.info("created collection %r in %s (model %s)", name, self.path, spec.model)
 
-    def _missing(self, name: str) -> StoreError:
-        return StoreError(
-            f"collection {name!r} does not exist in store {self.path}; run `edje-qdrant ingest` first "
-            "(or check --collection / --store)"
-        )
+    def collections(self) -> list[str]:
+        """Names of the collections in this store, sorted."""
+        try:
+            return sorted(d.name for d in self.path.iterdir() if (d / SPEC_FILE).is_file())
+        except OSError as e:
+            raise StoreError(f"cannot list store folder {self.path}: {e.strerror}") from e
+
+    def missing_collection(self, name: str) -> StoreError:
+        """The error for a collection this store does not hold, naming those it does."""
+        return missing_collection(name, f"store {self.path}", self.collections(), "--store")
+
+    _missing = missing_collection
 
     def _load(self, name: str, spec: CollectionSpec) -> _Collection:
         shard_dir = self._dir(name) / SHARD_DIR

@@ -27,6 +27,7 @@ from edje_qdrant.store._common import (
     check_spec,
     check_vector,
     clip_vector,
+    missing_collection,
     payload_selector,
     verify_spec,
 )
@@ -240,11 +241,16 @@ class ClientStore:
         self._specs[name] = (spec, not use_metadata)
         log.info("created collection %r on Qdrant %s (model %s)", name, self.where, spec.model)
 
-    def _missing(self, name: str) -> StoreError:
-        return StoreError(
-            f"collection {name!r} does not exist on Qdrant {self.where}; run `edje-qdrant ingest` first "
-            "(or check --collection / --url)"
-        )
+    def collections(self) -> list[str]:
+        """Names of the collections on this Qdrant (any, not only edje-qdrant's), sorted."""
+        found = self._call("listing collections", self.client.get_collections)
+        return sorted(c.name for c in found.collections)
+
+    def missing_collection(self, name: str) -> StoreError:
+        """The error for a collection this Qdrant does not hold, naming those it does."""
+        return missing_collection(name, f"Qdrant {self.where}", self.collections(), "--url")
+
+    _missing = missing_collection
 
     def _spec(self, name: str) -> tuple[CollectionSpec, bool]:
         with self._mutex:

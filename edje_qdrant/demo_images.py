@@ -1,14 +1,10 @@
-"""Write a small folder of generated demo images (coloured shapes), so the quick start needs no data set.
-
-Usage: python examples/make_demo_images.py OUT_DIR [--count N]
-
-Needs: no extra (Pillow comes with the base install). The default OUT_DIR of the README, demo-images/, is ignored
-by git.
+"""A small folder of generated demo images (coloured shapes with sidecar captions), so the quick start needs no
+data set: ``edje-qdrant demo-images DIR`` (Pillow only; the README's DIR, demo-images/, is ignored by git).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
+import os
 import random
 from pathlib import Path
 
@@ -20,6 +16,7 @@ BACKGROUNDS = {"white": (250, 250, 250), "black": (15, 15, 15), "grey": (128, 12
 
 
 def draw(shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], rng: random.Random) -> Image.Image:
+    """One 224 x 224 picture: a ``shape`` in ``colour`` on ``background``, placed and sized by ``rng``."""
     img = Image.new("RGB", (224, 224), background)
     d = ImageDraw.Draw(img)
     cx, cy, r = rng.randint(70, 154), rng.randint(70, 154), rng.randint(35, 65)
@@ -32,22 +29,19 @@ def draw(shape: str, colour: tuple[int, int, int], background: tuple[int, int, i
     return img
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--count", type=int, default=36)
-    args = parser.parse_args()
+def write_demo_images(out: str | os.PathLike[str], count: int = 36) -> list[Path]:
+    """Write ``count`` images under ``out`` (one sub-folder per shape, PNG and JPEG alternating), each with a
+    caption file ``NAME.txt`` beside it; the same images every time. Returns their paths."""
+    root = Path(out)
     rng = random.Random(0)
     combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
-    for i in range(args.count):
+    paths = []
+    for i in range(count):
         shape, colour, bg = combos[i % len(combos)]
-        folder = args.out / shape
+        folder = root / shape
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{colour}-{shape}-on-{bg}-{i:03d}.{'jpg' if i % 2 else 'png'}"
         draw(shape, COLOURS[colour], BACKGROUNDS[bg], rng).save(path)
         (folder / f"{path.name}.txt").write_text(f"a {colour} {shape} on a {bg} background\n")
-    print(f"wrote {args.count} images under {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+        paths.append(path)
+    return paths
