@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import StringConstraints
+from pydantic import StringConstraints, WithJsonSchema
 
 from edje_qdrant.errors import EdjeError, InputError, StoreError, UnknownPointError
 from edje_qdrant.http_schema import MAX_FILTER_ITEMS, MAX_FILTER_TEXT, ErrorOut, ImageSearchResponse, When
@@ -35,6 +35,11 @@ _IMAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy"
                   "Cache-Control": _CACHE}
 
 FilterText = Annotated[str, StringConstraints(max_length=MAX_FILTER_TEXT)]
+# A query or form field is absent or a value: never JSON null (which a form could only send as the text "null").
+FilterTexts = Annotated[Optional[list[FilterText]], WithJsonSchema(
+    {"type": "array", "items": {"type": "string", "maxLength": MAX_FILTER_TEXT}, "maxItems": MAX_FILTER_ITEMS})]
+FilterWhen = Annotated[Optional[When], WithJsonSchema(
+    {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]})]
 PointIdPath = Annotated[str, Path(max_length=64, description="a point id (UUID) of this collection")]
 _FILTER_DOCS = {
     "folder": "metadata.folder (repeat for any of)",
@@ -64,7 +69,8 @@ def _add_file_routes(app: FastAPI, holder: RetrieverHolder, access: Access) -> N
         **{code: {"model": ErrorOut} for code in (401, 404, 422, 503)},
     }
 
-    @app.get("/points/{point_id}/thumbnail", response_class=Response, responses=responses)
+    @app.get("/points/{point_id}/thumbnail", response_class=Response, responses=responses,
+             summary="Thumbnail of a point's image")
     def thumbnail(point_id: PointIdPath, request: Request, size: Size = DEFAULT_THUMBNAIL_SIZE, exp: Exp = None,
                   sig: Sig = None) -> Response:
         """A JPEG thumbnail of a point's image (EXIF orientation applied), cached in memory. With an API key set,
@@ -76,7 +82,7 @@ def _add_file_routes(app: FastAPI, holder: RetrieverHolder, access: Access) -> N
             return Response(status_code=304, headers=headers)
         return Response(thumb.jpeg, media_type="image/jpeg", headers=headers)
 
-    @app.get("/points/{point_id}/image", response_class=Response,
+    @app.get("/points/{point_id}/image", response_class=Response, summary="Original file of a point",
              responses={**responses, 200: {"content": {"image/*": {}}, "description": "the original file"}})
     def original(point_id: PointIdPath, request: Request, exp: Exp = None, sig: Sig = None) -> Response:
         """The original file of a point, as ingested (only if its content is unchanged)."""
@@ -95,19 +101,17 @@ def _add_similar_routes(app: FastAPI, holder: RetrieverHolder, observe: Callable
     responses: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 404, 413, 415,
                                                                                         422, 503)}
 
-    @app.get("/points/{point_id}/similar", response_model=ImageSearchResponse, responses=responses)
+    @app.get("/points/{point_id}/similar", response_model=ImageSearchResponse, responses=responses,
+             summary="More like this point")
     def similar(
         point_id: PointIdPath,
         request: Request,
         k: Annotated[int, Query(ge=1, le=limits.max_k, description=k_doc)] = k_default,
-        folder: Annotated[Optional[list[FilterText]], Query(max_length=MAX_FILTER_ITEMS,
-                                                            description=_FILTER_DOCS["folder"])] = None,
-        camera: Annotated[Optional[list[FilterText]], Query(max_length=MAX_FILTER_ITEMS,
-                                                            description=_FILTER_DOCS["camera"])] = None,
-        mime: Annotated[Optional[list[FilterText]], Query(max_length=MAX_FILTER_ITEMS,
-                                                          description=_FILTER_DOCS["mime"])] = None,
-        taken_after: Annotated[Optional[When], Query(description=_FILTER_DOCS["taken_after"])] = None,
-        taken_before: Annotated[Optional[When], Query(description=_FILTER_DOCS["taken_before"])] = None,
+        folder: Annotated[FilterTexts, Query(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["folder"])] = None,
+        camera: Annotated[FilterTexts, Query(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["camera"])] = None,
+        mime: Annotated[FilterTexts, Query(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["mime"])] = None,
+        taken_after: Annotated[FilterWhen, Query(description=_FILTER_DOCS["taken_after"])] = None,
+        taken_before: Annotated[FilterWhen, Query(description=_FILTER_DOCS["taken_before"])] = None,
     ) -> dict[str, Any]:
         """"More like this": the points nearest to a stored point's global vector (first stage only, so
         rerank_score is null; the point itself is left out). Filters as in /search's small form."""
@@ -125,20 +129,18 @@ def _add_similar_routes(app: FastAPI, holder: RetrieverHolder, observe: Callable
             raise HTTPException(503, f"the vector store failed: {exc}") from None
         return _response(results, request, r.collection, k, canonical_id(point_id), start, observe, results_out)
 
-    @app.post(IMAGE_SEARCH_PATH, response_model=ImageSearchResponse, responses=responses)
+    @app.post(IMAGE_SEARCH_PATH, response_model=ImageSearchResponse, responses=responses,
+              summary="Search by an uploaded photo")
     def search_image(
         request: Request,
         image: Annotated[UploadFile, File(description="the photo to search by (JPEG, PNG, WebP, GIF, BMP, TIFF, "
                                                       f"HEIC/HEIF, AVIF; at most {limits.max_upload_bytes} bytes)")],
         k: Annotated[int, Form(ge=1, le=limits.max_k, description=k_doc)] = k_default,
-        folder: Annotated[Optional[list[FilterText]], Form(max_length=MAX_FILTER_ITEMS,
-                                                           description=_FILTER_DOCS["folder"])] = None,
-        camera: Annotated[Optional[list[FilterText]], Form(max_length=MAX_FILTER_ITEMS,
-                                                           description=_FILTER_DOCS["camera"])] = None,
-        mime: Annotated[Optional[list[FilterText]], Form(max_length=MAX_FILTER_ITEMS,
-                                                         description=_FILTER_DOCS["mime"])] = None,
-        taken_after: Annotated[Optional[When], Form(description=_FILTER_DOCS["taken_after"])] = None,
-        taken_before: Annotated[Optional[When], Form(description=_FILTER_DOCS["taken_before"])] = None,
+        folder: Annotated[FilterTexts, Form(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["folder"])] = None,
+        camera: Annotated[FilterTexts, Form(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["camera"])] = None,
+        mime: Annotated[FilterTexts, Form(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["mime"])] = None,
+        taken_after: Annotated[FilterWhen, Form(description=_FILTER_DOCS["taken_after"])] = None,
+        taken_before: Annotated[FilterWhen, Form(description=_FILTER_DOCS["taken_before"])] = None,
     ) -> dict[str, Any]:
         """Search by an uploaded photo: the stored images nearest to it on the global vector (first stage only;
         the photo itself is left out when it is in the collection). Same formats and pixel cap as ingest."""

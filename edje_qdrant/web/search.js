@@ -91,9 +91,25 @@
     const rendered = performance.now();
     setBusy(false);
     const timing = { kind: search.kind, results: body.results.length, fetch_ms: fetched - start,
-                     render_ms: rendered - fetched, total_ms: rendered - start, server_ms: body.took_ms };
+                     render_ms: rendered - fetched, total_ms: rendered - start, server_ms: body.took_ms,
+                     thumbnails_ms: null, thumbnails_ok: null };
     timings.push(timing);
     report(body, search, timing);
+    timeThumbnails(timing, fetched);
+  }
+
+  // Records when every thumbnail of the grid has loaded (or failed), counted from when the grid was built.
+  function timeThumbnails(timing, since) {
+    const images = Array.from(el.results.querySelectorAll("img"));
+    const settled = images.map((img) => (img.complete ? Promise.resolve()
+      : new Promise((done) => {
+        img.addEventListener("load", done, { once: true });
+        img.addEventListener("error", done, { once: true });
+      })));
+    Promise.all(settled).then(() => {
+      timing.thumbnails_ms = performance.now() - since;
+      timing.thumbnails_ok = images.filter((img) => img.naturalWidth > 0).length;
+    });
   }
 
   function detail(body) {
