@@ -416,10 +416,12 @@ def test_first_results_and_thumbnails_are_fast_on_1000_photos(browser, store_100
             thumbs.append(t["thumbnails_ms"])
         warm.page.screenshot(path=str(tmp_path / "search-page-1000.png"))
         warm.close()
+    def summary(values: list[float]) -> str:
+        return f"median {statistics.median(values):.0f} ms (all: {', '.join(f'{x:.0f}' for x in values)})"
+
     line = (f"1,000 photos, rerank_k=100, load average {load:.1f} on {os.cpu_count()} CPUs: first results "
-            f"median {statistics.median(first):.0f} ms (all: {', '.join(f'{x:.0f}' for x in first)}); warm thumbnails "
-            f"median {statistics.median(thumbs):.0f} ms (all: {', '.join(f'{x:.0f}' for x in thumbs)}); cold thumbnails "
-            f"(made on first request) median {statistics.median(cold):.0f} ms")
+            f"{summary(first)}; warm thumbnails {summary(thumbs)}; cold thumbnails (made on first request) "
+            f"{summary(cold)}")
     print(line)
     (tmp_path / "timings.txt").write_text(line + "\n")
     assert statistics.median(first) <= 300, line
