@@ -112,7 +112,10 @@ class _BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cap = self.per_path.get(scope.get("path", ""), self.max_bytes)
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # served under a prefix: the routes' own paths
+            path = path[len(root):]
+        cap = self.per_path.get(path, self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             response = JSONResponse({"detail": _too_large(cap)}, status_code=413)

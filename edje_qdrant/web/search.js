@@ -7,7 +7,7 @@
   const THUMB_SIZE = 320; // one size, so the server's cache and the browser's are shared by every search
   const $ = (id) => document.getElementById(id);
   const el = {
-    form: $("search-form"), q: $("q"), rerank: $("rerank"), photo: $("photo"), photoLabel: $("photo-label"),
+    form: $("search-form"), q: $("q"), rerank: $("rerank"), photo: $("photo"), photoButton: $("photo-button"),
     folder: $("f-folder"), camera: $("f-camera"), after: $("f-after"), before: $("f-before"),
     k: $("k"), rerankK: $("rerank-k"), keyForm: $("key-form"), key: $("api-key"),
     status: $("status"), error: $("error"), empty: $("empty"), results: $("results"),
@@ -296,12 +296,7 @@
     photoSearch(el.photo.files[0]);
     el.photo.value = "";
   });
-  el.photoLabel.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" || event.key === " ") {
-      event.preventDefault();
-      el.photo.click();
-    }
-  });
+  el.photoButton.addEventListener("click", () => el.photo.click());
   el.results.addEventListener("click", (event) => {
     const button = event.target.closest("button[data-action='similar']");
     if (!button) return;
