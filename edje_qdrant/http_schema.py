@@ -172,8 +172,8 @@ class ResultOut(BaseModel):
     flags: list[str]
     first_stage_rank: Optional[int] = Field(None, description="1-based place in the first-stage (ANN) list; "
                                                                 "with re-ranking, how far the joint encoder moved it")
-    thumbnail_url: str = Field(description="GET: a JPEG thumbnail (add &size=N, 32..1024); signed when the service "
-                                           "has an API key, so an <img> tag can load it")
+    thumbnail_url: str = Field(description="GET: a JPEG thumbnail (query parameter size=32..1024); signed when the "
+                                           "service has an API key, so an <img> tag can load it")
     image_url: str = Field(description="GET: the original file (signed like thumbnail_url)")
 
 
