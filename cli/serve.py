@@ -1,7 +1,11 @@
-"""`edje-qdrant serve`: the HTTP search API (FastAPI + uvicorn) over one collection."""
+"""`edje-qdrant serve`: the search page and the HTTP search API (FastAPI + uvicorn) over one collection."""
 from __future__ import annotations
 
 import ipaddress
+import threading
+import time
+import urllib.request
+import webbrowser
 from typing import Any
 
 import click
@@ -27,15 +31,20 @@ DEFAULT_PORT = 8000
               help="Largest rerank_k a request may ask.")
 @click.option("--max-body-bytes", type=click.IntRange(min=256), default=64 * 1024, show_default=True,
               help="Largest request body accepted (413 above).")
+@click.option("--max-upload-bytes", type=click.IntRange(min=1024), default=20 * 1024 * 1024, show_default=True,
+              help="Largest photo accepted by POST /search/image (413 above).")
 @click.option("--service-api-key", envvar="EDJE_SERVICE_API_KEY", show_envvar=True, default=None,
-              help="If set, /search needs 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (never printed).")
+              help="If set, the search and image routes need 'Authorization: Bearer KEY' or 'X-API-Key: KEY' "
+                   "(never printed); the page asks for it once, and image URLs in results are signed.")
+@click.option("--open", "open_page", is_flag=True, help="Open the search page in a web browser once it answers.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn log level.")
 @library_errors
 def serve(store: str, url: str | None, api_key: str | None, collection: str, model: str | None,
           device: str | None, host: str, port: int, max_k: int, max_rerank_k: int, max_body_bytes: int,
-          service_api_key: str | None, log_level: str) -> None:
-    """Serve POST /search, GET /healthz, GET /metrics and the OpenAPI schema (/docs) for one collection."""
+          max_upload_bytes: int, service_api_key: str | None, open_page: bool, log_level: str) -> None:
+    """Serve the search page (/), POST /search, image search and the images of points, GET /healthz,
+    GET /metrics and the API docs (/docs) for one collection."""
     try:
         import uvicorn
 
@@ -56,6 +65,7 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
 
     try:
         factory_or_retriever: Any = factory()
+        factory_or_retriever.search("warm up", k=1, rerank_k=1)  # the first search of a process is the slowest
     except EdjeError as exc:
         if not url:  # embedded store: fail fast (missing collection, store locked by another process)
             raise
@@ -64,7 +74,8 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
         factory_or_retriever = factory
     app = create_app(
         factory_or_retriever,
-        limits=ServiceLimits(max_k=max_k, max_rerank_k=max_rerank_k, max_body_bytes=max_body_bytes),
+        limits=ServiceLimits(max_k=max_k, max_rerank_k=max_rerank_k, max_body_bytes=max_body_bytes,
+                             max_upload_bytes=max_upload_bytes),
         api_keys=[service_api_key] if service_api_key else [],
     )
     if not _is_loopback(host) and not service_api_key:
@@ -73,9 +84,26 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
     from edje_qdrant.store import redact_url
 
     where = redact_url(url) if url else store
+    page = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     click.echo(f"serving collection '{collection}' from {where} on http://{host}:{port} "
-               f"(OpenAPI docs at /docs)", err=True)
+               f"(search page: {page}, API docs at /docs)", err=True)
+    if open_page:
+        threading.Thread(target=_open_when_up, args=(page,), daemon=True).start()
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, server_header=False)
+
+
+def _open_when_up(page: str, wait_s: float = 60.0) -> None:
+    """Open ``page`` in the default browser as soon as the server answers it (gives up after ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(page, timeout=2):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        return
+    webbrowser.open(page)
 
 
 def _is_loopback(host: str) -> bool:

@@ -15,6 +15,10 @@ class InputError(EdjeError, ValueError):
     """A caller passed a bad argument (query, k, folder, option)."""
 
 
+class UnknownPointError(InputError):
+    """A point id that is not in the collection (or not a point id at all)."""
+
+
 class CodecError(EdjeError):
     """A stored token blob is malformed; ``point_id`` names the point it came from."""
 

@@ -175,6 +175,11 @@ class ResultOut(BaseModel):
     page_content: str
     metadata: dict[str, Any]
     flags: list[str]
+    first_stage_rank: Optional[int] = Field(None, description="1-based place in the first-stage (ANN) list; "
+                                                                "with re-ranking, how far the joint encoder moved it")
+    thumbnail_url: str = Field(description="GET: a JPEG thumbnail (query parameter size=32..1024); signed when the "
+                                           "service has an API key, so an <img> tag can load it")
+    image_url: str = Field(description="GET: the original file (signed like thumbnail_url)")
 
 
 class SearchResponse(BaseModel):
@@ -183,6 +188,16 @@ class SearchResponse(BaseModel):
     rerank_k: int
     collection: str
     took_ms: float
+    results: list[ResultOut]
+
+
+class ImageSearchResponse(BaseModel):
+    """Body of an image search ("more like this"): first stage only, so rerank_score is null."""
+
+    k: int
+    collection: str
+    took_ms: float
+    similar_to: Optional[str] = Field(description="the point id searched from; null for an uploaded photo")
     results: list[ResultOut]
 
 

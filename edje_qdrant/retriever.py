@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .codec import decode_batch, decode_tokens
-from .errors import InputError, ModelMismatchError
+from .errors import InputError, ModelMismatchError, UnknownPointError
 from .microbatch import MicroBatcher
 from .rules import (METADATA_KEY, PAGE_CONTENT_KEY, RESULT_PAYLOAD_KEYS, SOURCE_KEY, TOKENS_KEY, canonical_id,
                     check_counts, check_search_args)
@@ -42,6 +42,7 @@ class SearchResult:
     page_content: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
+    first_stage_rank: int | None = None  # 1-based place in the first-stage (ANN) list; None when not known
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +125,7 @@ class Retriever:
         keys = ([TOKENS_KEY] if rerank_k else []) + ([] if slim else list(RESULT_PAYLOAD_KEYS))
         hits = self.store.query(self.collection, vector.tolist(), limit, keys, filter=filter)
         clock.lap("ann_fetch")
-        results = [_result(h, float(h.score)) for h in hits]
+        results = _ranked(hits)
         if rerank_k and results:
             self._rerank(query, results, [h.payload.get(TOKENS_KEY) for h in hits], clock)
         results = results[:k]
@@ -154,7 +155,24 @@ class Retriever:
         drop = self_id if exclude_self else None
         limit = k + 1 if drop else k
         hits = self.store.query(self.collection, vectors[0].tolist(), limit, list(RESULT_PAYLOAD_KEYS), filter=filter)
-        return [_result(h, float(h.score)) for h in hits if h.id != drop][:k]
+        return _ranked([h for h in hits if h.id != drop][:k])
+
+    def search_similar(self, point_id: str, k: int = 10, filter: Any = None) -> list[SearchResult]:
+        """"More like this" for a stored point: the ``k`` other points nearest to its global vector (first stage
+        only, as ``search_image``; the point itself is left out). UnknownPointError when the id is not in the
+        collection."""
+        check_counts(k, 0)
+        try:
+            pid = canonical_id(point_id)
+        except InputError:
+            raise UnknownPointError(f"no point {point_id!r} in collection '{self.collection}': point ids are "
+                                    "UUIDs") from None
+        found = self.store.retrieve(self.collection, [pid], [], with_vector=True)
+        if not found or found[0].vector is None:
+            raise UnknownPointError(f"no point {pid} in collection '{self.collection}'")
+        hits = self.store.query(self.collection, list(found[0].vector), k + 1, list(RESULT_PAYLOAD_KEYS),
+                                filter=filter)
+        return _ranked([h for h in hits if str(h.id) != pid][:k])
 
     def _attach_payload(self, results: list[SearchResult]) -> None:
         """Fill page_content / metadata / path of the final hits with one retrieve call."""
@@ -274,6 +292,14 @@ def _query_image(image: Any, vision: Any) -> tuple[Any, str | None]:
     except UnusableFile as exc:
         raise InputError(f"{name}: {exc.reason}; pass a JPEG, PNG, WebP, HEIC ... image") from None
     return decoded.image, point_id(sha256_bytes(data))
+
+
+def _ranked(hits: Sequence[Any]) -> list[SearchResult]:
+    """Results of a first-stage (ANN) list, in its order, each knowing its place in it."""
+    results = [_result(h, float(h.score)) for h in hits]
+    for rank, result in enumerate(results, 1):
+        result.first_stage_rank = rank
+    return results
 
 
 def _result(hit: Any, first_stage_score: float) -> SearchResult:

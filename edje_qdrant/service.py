@@ -1,19 +1,20 @@
-"""HTTP API over a Retriever (FastAPI): POST /search, GET /healthz, GET /metrics, OpenAPI at /openapi.json.
+"""HTTP API over a Retriever (FastAPI): POST /search, the images of points and image search
+(``service_images``), the search page and offline /docs (``service_page``), GET /healthz, GET /metrics, OpenAPI
+at /openapi.json.
 
 Install with ``pip install 'edje-qdrant[service]'`` (from a checkout: ``pip install -e ".[service]"``); run with
 ``edje-qdrant serve``. Requests are validated (4xx with a message naming the field), bodies are capped, and k /
 rerank_k / query length have service limits.
-With ``api_keys`` set, /search needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+With ``api_keys`` set, the search and image routes need ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``;
+image URLs returned with results are signed instead, so ``<img>`` tags load them (``service_auth``).
 """
 from __future__ import annotations
 
-import hmac
 import inspect
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from edje_qdrant.integrations import require
@@ -29,23 +30,17 @@ from edje_qdrant import __version__  # noqa: E402
 from edje_qdrant.errors import EdjeError, InputError, StoreError  # noqa: E402
 from edje_qdrant.http_schema import ErrorOut, SearchResponse, filter_data, search_request_model  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
-from edje_qdrant.rules import QueryLimits, check_search_args, filter_from_json  # noqa: E402
+from edje_qdrant.rules import check_search_args, filter_from_json  # noqa: E402
+from edje_qdrant.service_auth import Access, check_key  # noqa: E402
+from edje_qdrant.service_images import IMAGE_SEARCH_PATH, add_image_routes  # noqa: E402
+from edje_qdrant.service_page import add_page_routes  # noqa: E402
+from edje_qdrant.service_state import ResultsOut, RetrieverHolder, ServiceLimits, get_retriever  # noqa: E402
 
 __all__ = ["ServiceLimits", "create_app", "Metrics"]
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-@dataclass(frozen=True)
-class ServiceLimits(QueryLimits):
-    """Caps on what one request may ask for (tighter than the library's; the OpenAPI schema states them)."""
-
-    max_k: int = 100
-    max_rerank_k: int = 1000
-    max_query_chars: int = 2000
-    max_body_bytes: int = 64 * 1024
 
 
 # --------------------------------------------------------------------------- metrics
@@ -106,19 +101,24 @@ def _esc(label: str) -> str:
 
 
 class _BodyLimit:
-    """413 when Content-Length or the streamed body exceeds ``max_bytes``."""
+    """413 when Content-Length or the streamed body exceeds ``max_bytes`` (``per_path``: other caps by path)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = dict(per_path or {})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # served under a prefix: the routes' own paths
+            path = path[len(root):]
+        cap = self.per_path.get(path, self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            response = JSONResponse({"detail": self._message()}, status_code=413)
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            response = JSONResponse({"detail": _too_large(cap)}, status_code=413)
             await response(scope, receive, send)
             return
         seen = 0
@@ -128,14 +128,15 @@ class _BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, self._message())
+                if seen > cap:
+                    raise HTTPException(413, _too_large(cap))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _message(self) -> str:
-        return f"request body is larger than this service's limit of {self.max_bytes} bytes"
+
+def _too_large(cap: int) -> str:
+    return f"request body is larger than this service's limit of {cap} bytes"
 
 
 class _Metered:
@@ -170,29 +171,6 @@ class _Metered:
 # --------------------------------------------------------------------------- the app
 
 
-class _RetrieverHolder:
-    """A Retriever given directly, or built on first use (and rebuilt until it succeeds, e.g. before ingest)."""
-
-    def __init__(self, source: Retriever | Callable[[], Retriever]) -> None:
-        self._given = not callable(source) or isinstance(source, Retriever)
-        self._source = source
-        self._retriever: Retriever | None = source if self._given else None  # type: ignore[assignment]
-        self._lock = threading.Lock()
-
-    def get(self) -> Retriever:
-        if self._retriever is not None:
-            return self._retriever
-        with self._lock:
-            if self._retriever is None:
-                self._retriever = self._source()  # type: ignore[operator]
-                log.info("retriever ready on collection %r", self._retriever.collection)
-            return self._retriever
-
-    def close(self) -> None:
-        if not self._given and self._retriever is not None:
-            self._retriever.store.close()
-
-
 def create_app(
     retriever: Retriever | Callable[[], Retriever],
     *,
@@ -200,8 +178,10 @@ def create_app(
     api_keys: Sequence[str] = (),
 ) -> FastAPI:
     """The FastAPI app. ``retriever`` is a Retriever or a zero-argument factory (built lazily, closed at exit)."""
-    holder = _RetrieverHolder(retriever)
+    holder = RetrieverHolder(retriever)
     metrics = Metrics()
+    access = Access(api_keys)
+    results_out = ResultsOut(access)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -209,28 +189,32 @@ def create_app(
         holder.close()
 
     app = FastAPI(title="edje-qdrant", version=__version__,
-                  description="Text-to-image search on Qdrant with EDJE re-ranking.", lifespan=lifespan)
+                  description="Text-to-image search on Qdrant with EDJE re-ranking.", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # /docs is served offline by service_page
     app.state.metrics = metrics
     app.state.limits = limits
-    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
+    upload_cap = limits.max_upload_bytes + max(limits.max_body_bytes, 64 * 1024)  # the photo + the form's fields
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes, per_path={IMAGE_SEARCH_PATH: upload_cap})
     app.add_middleware(_Metered, metrics=metrics)  # outermost: counts 413s too
     app.add_exception_handler(RequestValidationError, _validation_error)
-    _add_search_route(app, holder, metrics, limits, [k.encode() for k in api_keys if k])
+    _add_search_route(app, holder, metrics, limits, access, results_out)
+    add_image_routes(app, holder, metrics.observe, limits, access, results_out)
     _add_health_routes(app, holder, metrics)
+    add_page_routes(app)
     return app
 
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 413, 422, 503)}
 
 
-def _add_search_route(app: FastAPI, holder: _RetrieverHolder, metrics: Metrics, limits: ServiceLimits,
-                      keys: list[bytes]) -> None:
+def _add_search_route(app: FastAPI, holder: RetrieverHolder, metrics: Metrics, limits: ServiceLimits,
+                      access: Access, results_out: ResultsOut) -> None:
     """POST /search: body checked by the schema built from ``limits``, then by the same rules as the library."""
     wants_timings: dict[int, bool] = {}
 
     def search(body: BaseModel, request: Request) -> dict[str, Any]:
         """Top ``k`` images for ``query``: ANN over ``rerank_k`` candidates, re-ranked by the joint encoder."""
-        _check_key(request, keys)
+        check_key(request, access)
         try:
             check_search_args(body.query, body.k, body.rerank_k, limits)
         except InputError as exc:
@@ -239,7 +223,7 @@ def _add_search_route(app: FastAPI, holder: _RetrieverHolder, metrics: Metrics, 
             flt = filter_from_json(filter_data(body.filter))
         except InputError as exc:
             raise HTTPException(400, str(exc)) from None
-        r = _get_retriever(holder)
+        r = get_retriever(holder)
         kwargs: dict[str, Any] = {}
         if wants_timings.setdefault(id(r), "timings" in inspect.signature(r.search).parameters):
             kwargs["timings"] = {}
@@ -257,13 +241,13 @@ def _add_search_route(app: FastAPI, holder: _RetrieverHolder, metrics: Metrics, 
         for stage, seconds in stages.items():
             metrics.observe(str(stage), float(seconds))
         return {"query": body.query, "k": body.k, "rerank_k": body.rerank_k, "collection": r.collection,
-                "took_ms": round(took * 1000, 3), "results": [x.to_dict() for x in results]}
+                "took_ms": round(took * 1000, 3), "results": results_out(results, request)}
 
     search.__annotations__["body"] = search_request_model(limits)  # the schema carries this app's limits
     app.post("/search", response_model=SearchResponse, responses=_ERROR_RESPONSES)(search)
 
 
-def _add_health_routes(app: FastAPI, holder: _RetrieverHolder, metrics: Metrics) -> None:
+def _add_health_routes(app: FastAPI, holder: RetrieverHolder, metrics: Metrics) -> None:
     @app.get("/healthz", responses={503: {"model": ErrorOut}})
     def healthz() -> JSONResponse:
         """200 when the collection can be searched; 503 (with the reason) otherwise."""
@@ -279,15 +263,6 @@ def _add_health_routes(app: FastAPI, holder: _RetrieverHolder, metrics: Metrics)
     def prometheus() -> PlainTextResponse:
         """Prometheus text format: request counts and per-stage latency histograms."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-def _check_key(request: Request, keys: list[bytes]) -> None:
-    if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    if not any(hmac.compare_digest(given.encode(), k) for k in keys):
-        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -308,11 +283,3 @@ def _message(field: str, e: dict[str, Any]) -> str:
     if kind in ("string_too_short", "string_pattern_mismatch") and field == "query":
         return "query is empty; pass some text to search for"
     return str(e.get("msg", ""))
-
-
-def _get_retriever(holder: _RetrieverHolder) -> Retriever:
-    try:
-        return holder.get()
-    except EdjeError as exc:
-        log.warning("retriever not ready: %s", exc)
-        raise HTTPException(503, str(exc)) from None

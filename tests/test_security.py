@@ -198,6 +198,7 @@ def test_service_binds_loopback_and_caps_requests_by_default():
     from edje_qdrant.service import ServiceLimits
 
     limits = ServiceLimits()
-    assert (limits.max_k, limits.max_rerank_k, limits.max_body_bytes) == (
-        defaults["max_k"], defaults["max_rerank_k"], defaults["max_body_bytes"])
+    assert (limits.max_k, limits.max_rerank_k, limits.max_body_bytes, limits.max_upload_bytes) == (
+        defaults["max_k"], defaults["max_rerank_k"], defaults["max_body_bytes"], defaults["max_upload_bytes"])
+    assert 0 < defaults["max_upload_bytes"] <= 64 << 20
     assert 0 < limits.max_query_chars <= 10_000

@@ -216,6 +216,8 @@ def test_serve_command_runs_a_real_server(tmp_path, demo_folder, tiny_model):
         assert [h["id"] for h in res.json()["results"]] == expected
         too_many = httpx.post(url, json=dict(body, k=6), headers={"X-API-Key": "svc-key-1618033988"}, timeout=30)
         assert too_many.status_code == 422 and "limit of 5" in too_many.text
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)  # the search page needs no key: it asks for it
+        assert page.status_code == 200 and 'type="search"' in page.text
     finally:
         proc.terminate()
         try:
@@ -224,6 +226,7 @@ def test_serve_command_runs_a_real_server(tmp_path, demo_folder, tiny_model):
             proc.kill()
             output, _ = proc.communicate()
     assert f"on http://127.0.0.1:{port}" in output
+    assert f"search page: http://127.0.0.1:{port}/" in output
     assert "qdrant-key-2718281828" not in output and "svc-key-1618033988" not in output
 
 

@@ -1,7 +1,9 @@
-"""Schemathesis over the HTTP service: every request the OpenAPI schema allows is answered as the schema says
-(all checks: no server error, status codes and bodies conform, schema-valid requests are accepted, invalid ones
-rejected), on a real Retriever with a Qdrant Edge store and the tiny-random model."""
+"""Schemathesis over every route of the HTTP service: every request the OpenAPI schema allows is answered as the
+schema says (all checks: no server error, status codes and bodies conform, schema-valid requests are accepted,
+invalid ones rejected), on a real Retriever with a Qdrant Edge store, the tiny-random model and real image files."""
 from __future__ import annotations
+
+import io
 
 import pytest
 
@@ -20,11 +22,19 @@ LIMITS = ServiceLimits(max_k=20, max_rerank_k=50, max_query_chars=200, max_body_
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, demo_folder, tiny_model):
+def served(tmp_path_factory, demo_folder, tiny_model):
     store = open_store(path=str(tmp_path_factory.mktemp("schemathesis") / "store"))
     assert ingest(demo_folder, store, tiny_model, "images").ingested == 12
-    yield create_app(Retriever(store, "images", tiny_model), limits=LIMITS)
+    retriever = Retriever(store, "images", tiny_model)
+    photos = sorted(p for p in demo_folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    yield create_app(retriever, limits=LIMITS), [r.id for r in retriever.search_image(photos[0], k=12,
+                                                                                       exclude_self=False)], photos
     store.close()
+
+
+@pytest.fixture(scope="module")
+def app(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -40,30 +50,61 @@ def _breaks_k_rule(case) -> bool:
     return numbers and 0 < rerank_k < k
 
 
-@pytest.mark.parametrize("path, mode", [("/search", "positive"), ("/search", "negative"), ("/healthz", "positive"),
-                                        ("/metrics", "positive")])  # the GETs take no input to get wrong
-def test_every_request_is_answered_as_the_schema_says(api_schema, path, mode):
+def _is_picture(data) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data if isinstance(data, bytes) else str(data).encode())) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+
+ROUTES = [("/search", "positive"), ("/search", "negative"), ("/points/{point_id}/thumbnail", "positive"),
+          ("/points/{point_id}/thumbnail", "negative"), ("/points/{point_id}/image", "positive"),
+          ("/points/{point_id}/image", "negative"), ("/points/{point_id}/similar", "positive"),
+          ("/points/{point_id}/similar", "negative"), ("/search/image", "positive"), ("/search/image", "negative"),
+          ("/healthz", "positive"), ("/metrics", "positive")]  # the last two take no input to get wrong
+
+
+@pytest.mark.parametrize("path, mode", ROUTES)
+def test_every_request_is_answered_as_the_schema_says(api_schema, served, path, mode):
+    """Generated requests (ids of stored points and real photos mixed in, so the 200 paths run too) are answered
+    as the schema says: no 5xx, schema-valid requests accepted, invalid ones rejected."""
     from hypothesis import given
     from hypothesis import strategies as st
     from schemathesis.generation import GenerationMode
     from schemathesis.specs.openapi.checks import negative_data_rejection
 
+    _, point_ids, photos = served
     operation = next(r.ok() for r in api_schema.get_all_operations() if r.ok().path == path)
     strategy = operation.as_strategy(GenerationMode(mode))
     calls = []
 
     @given(data=st.data())
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150 if path == "/search" else 60, deadline=None,
+              suppress_health_check=list(HealthCheck))
     def run(data):
         case = data.draw(strategy)
         calls.append(1)
+        if mode == "positive" and "point_id" in (case.path_parameters or {}) and data.draw(st.booleans()):
+            case.path_parameters["point_id"] = data.draw(st.sampled_from(point_ids))  # a stored point
+        if mode == "positive" and path == "/search/image" and isinstance(case.body, dict):
+            if data.draw(st.booleans()):
+                case.body["image"] = data.draw(st.sampled_from(photos)).read_bytes()  # a real photo
+            elif not _is_picture(case.body.get("image", b"")):  # random bytes are schema-valid, never a photo:
+                response = case.call()  # refused for what they are, with the reason
+                assert response.status_code in (415, 422) and "image" in response.text, response.text[:500]
+                return
         if mode == "positive" and path == "/search" and _breaks_k_rule(case):
             response = case.call()
             assert response.status_code == 422 and "larger than rerank_k" in response.text, response.text
             return
         if mode == "negative":  # 4xx, where 413 (body over the byte cap, which OpenAPI cannot state) counts too
             response = case.call()
-            assert 400 <= response.status_code < 500, (case.body, response.text[:500])
+            assert 400 <= response.status_code < 500, (case.path_parameters, case.query, case.body,
+                                                        response.content[:300])
             case.validate_response(response, excluded_checks=[negative_data_rejection])
             return
         case.call_and_validate()  # every check schemathesis has
