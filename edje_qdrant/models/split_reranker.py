@@ -38,6 +38,8 @@ class SplitRerankerConfig:
     adapter: str = "attention"  # "attention" (m learned queries, EDJE) | "pool" (the pooled grid, projected)
     colour: bool = False  # patch tokens end with 14 colour features (models/colour.py); pool adapter only
     late_dim: int = 0  # > 0 adds a late-interaction term (word -> best image token cosine) of this width
+    cross_dim: int = 0  # > 0: each joint layer also cross-attends from the text to the image tokens only
+    cross_heads: int = 4
     hidden_size: int = 384
     text_layers: int = 5
     joint_layers: int = 1
@@ -71,8 +73,36 @@ class SplitRerankerConfig:
         return cfg
 
 
+class CrossAttention(nn.Module):
+    """Text tokens attend over the image tokens only (BLIP-style cross-attention, pre-LN on the text side, residual).
+    In the joint layer's shared softmax, the text's own keys (pretrained) take nearly all the attention at first;
+    here the image is all there is to attend to. The output projection starts at zero: a new sublayer changes
+    nothing until it learns."""
+
+    def __init__(self, d: int, width: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(d, eps=eps)
+        self.q, self.k, self.v = nn.Linear(d, width), nn.Linear(d, width), nn.Linear(d, width)
+        self.o = nn.Linear(width, d)
+        nn.init.zeros_(self.o.weight)
+        nn.init.zeros_(self.o.bias)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """x [B, L, d] (text states), image [B, m, d] -> x + cross-attention output [B, L, d]."""
+        b, length, _ = x.shape
+        size = self.q.out_features // self.heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(t.shape[0], -1, self.heads, size).transpose(1, 2)
+
+        ctx = F.scaled_dot_product_attention(heads(self.q(self.norm(x))), heads(self.k(image)), heads(self.v(image)))
+        return x + self.o(ctx.transpose(1, 2).reshape(b, length, -1))
+
+
 class JointLayer(nn.Module):
-    """BERT layer (post-LN) whose queries are the text tokens and whose keys/values are text + image tokens."""
+    """BERT layer (post-LN) whose queries are the text tokens and whose keys/values are text + image tokens;
+    with ``cross_dim`` a cross-attention over the image tokens alone follows the attention (before the FFN)."""
 
     def __init__(self, c: SplitRerankerConfig) -> None:
         super().__init__()
@@ -84,6 +114,7 @@ class JointLayer(nn.Module):
         self.ffn_out = nn.Linear(c.intermediate_size, d)
         self.ln2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
         self.image_type = nn.Parameter(torch.zeros(d))  # marks image keys/values
+        self.cross = CrossAttention(d, c.cross_dim, c.cross_heads, c.layer_norm_eps) if c.cross_dim else None
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """text [B or 1, L, d], text_mask [B or 1, L] (1 = token), image [B, m, d] -> text states [B, L, d]."""
@@ -101,6 +132,8 @@ class JointLayer(nn.Module):
         keep = torch.cat([text_mask.bool().expand(b, -1), text_mask.new_ones(b, image.shape[1]).bool()], dim=1)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         x = self.ln1(text + self.o(ctx.transpose(1, 2).reshape(b, length, d)))
+        if self.cross is not None:
+            x = self.cross(x, img)
         return self.ln2(x + self.ffn_out(F.gelu(self.ffn_in(x))))
 
     def load_from_bert_layer(self, layer: nn.Module) -> None:

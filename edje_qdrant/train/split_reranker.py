@@ -55,6 +55,7 @@ class SplitTrainOptions:
     adapter_init: str = "random"  # "random" | "first_stage" (pool adapter: from the first stage's LiT heads)
     colour: bool = False  # append per-cell colour features to the pool adapter's input
     late_dim: int = 0  # > 0: add the late-interaction term (see SplitReranker.late_scores)
+    cross_dim: int = 0  # > 0: a cross-attention sublayer (text -> image tokens only) in each joint layer
     late_steps: int = 0  # in-batch contrastive steps on the late term (+ adapter) before the joint steps
     late_batch: int = 128  # images per in-batch step (all of one fold; one caption each)
     late_lr: float = 1e-3
@@ -97,6 +98,7 @@ class SplitTrainOptions:
         return SplitRerankerConfig(vision_width=384 * len(self.layers), num_tokens=self.num_tokens,
                                    adapter_hidden=self.adapter_hidden, patch_pool=self.patch_pool,
                                    adapter=self.adapter, colour=self.colour, late_dim=self.late_dim,
+                                   cross_dim=self.cross_dim,
                                    text_layers=self.text_layers, joint_layers=self.joint_layers)
 
 
