@@ -197,7 +197,8 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
            as_json: bool, html: Path | None, grid: Path | None) -> None:
     from edje_qdrant.errors import InputError
     from edje_qdrant.retriever import Retriever
-    from edje_qdrant.rules import check_search_args, filter_from_where
+    from edje_qdrant.search_args import check_search_args
+    from edje_qdrant.store.filters import filter_from_where
 
     if (query is None) == (image is None):
         raise InputError("pass either QUERY text or --image PHOTO (one of them)")

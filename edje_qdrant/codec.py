@@ -15,7 +15,7 @@ import numpy as np
 import pybase64
 
 from .errors import CodecError
-from .rules import TOKENS_KEY
+from .schema import TOKENS_KEY
 
 CODEC_VERSION = 1
 DTYPES = ("fp16", "int8")

@@ -13,8 +13,9 @@ import numpy as np
 from .codec import decode_batch, decode_tokens
 from .errors import InputError, ModelMismatchError, UnknownPointError
 from .microbatch import MicroBatcher
-from .rules import (METADATA_KEY, PAGE_CONTENT_KEY, RESULT_PAYLOAD_KEYS, SOURCE_KEY, TOKENS_KEY, canonical_id,
-                    check_counts, check_search_args)
+from .schema import (METADATA_KEY, PAGE_CONTENT_KEY, RESULT_PAYLOAD_KEYS, SOURCE_KEY, TOKENS_KEY, canonical_id,
+                     point_id)
+from .search_args import check_counts, check_search_args
 from .scores import fused_score
 from .store import Store, open_store
 from .store.base import CollectionSpec
@@ -272,7 +273,6 @@ def _query_image(image: Any, vision: Any) -> tuple[Any, str | None]:
 
     from .ingestion.decode import UnusableFile, decode_image, draft_size_for, read_file
     from .ingestion.ids import sha256_bytes
-    from .rules import point_id
 
     if isinstance(image, Image.Image):
         return (image if image.mode == "RGB" else image.convert("RGB")), None

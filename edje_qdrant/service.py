@@ -30,7 +30,8 @@ from edje_qdrant import __version__  # noqa: E402
 from edje_qdrant.errors import EdjeError, InputError, StoreError  # noqa: E402
 from edje_qdrant.http_schema import ErrorOut, SearchResponse, filter_data, search_request_model  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
-from edje_qdrant.rules import check_search_args, filter_from_json  # noqa: E402
+from edje_qdrant.search_args import check_search_args  # noqa: E402
+from edje_qdrant.store.filters import filter_from_json  # noqa: E402
 from edje_qdrant.service_auth import Access, check_key  # noqa: E402
 from edje_qdrant.service_images import IMAGE_SEARCH_PATH, add_image_routes  # noqa: E402
 from edje_qdrant.service_page import add_page_routes  # noqa: E402

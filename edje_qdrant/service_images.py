@@ -19,7 +19,8 @@ from edje_qdrant.errors import EdjeError, InputError, StoreError, UnknownPointEr
 from edje_qdrant.http_schema import MAX_FILTER_ITEMS, MAX_FILTER_TEXT, ErrorOut, ImageSearchResponse, When
 from edje_qdrant.ingestion.decode import UnusableFile
 from edje_qdrant.point_images import THUMBNAIL_SIZES, FileGone
-from edje_qdrant.rules import canonical_id, filter_from_json
+from edje_qdrant.schema import canonical_id
+from edje_qdrant.store.filters import filter_from_json
 from edje_qdrant.service_auth import MISSING_KEY, Access, check_key
 from edje_qdrant.service_state import ResultsOut, RetrieverHolder, ServiceLimits, get_retriever
 from edje_qdrant.uploads import check_upload

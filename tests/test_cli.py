@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from edje_qdrant.cli.main import main
 from edje_qdrant.codec import blob_data_bytes
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 
 
 def _cli(*args: str, env: dict[str, str] | None = None):

@@ -33,7 +33,7 @@ import pytest
 
 import imagegen as g
 from edje_qdrant.errors import StoreLockedError
-from edje_qdrant.rules import point_id
+from edje_qdrant.schema import point_id
 from edje_qdrant.store import EdgeStore
 
 TESTS = Path(__file__).resolve().parent

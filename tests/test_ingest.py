@@ -12,7 +12,7 @@ import pytest
 
 import imagegen as g
 from edje_qdrant.codec import decode_tokens
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 from edje_qdrant.errors import InputError, ModelMismatchError
 from edje_qdrant.ingestion import IngestReport, ingest, point_id
 from edje_qdrant.ingestion.decode import decode_image

@@ -21,7 +21,7 @@ import pytest
 
 import imagegen as g
 from edje_qdrant.codec import decode_tokens
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 from edje_qdrant.errors import InputError
 from edje_qdrant.ingestion import ingest, point_id
 from edje_qdrant.store import open_store

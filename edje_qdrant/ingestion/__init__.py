@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .decode import DEFAULT_MAX_PIXELS, UnusableFile
-from ..rules import POINT_NAMESPACE, point_id
+from ..schema import POINT_NAMESPACE, point_id
 from .pipeline import DEFAULT_FILE_TIMEOUT, IngestReport, ingest
 from .walk import IMAGE_EXTENSIONS
 

@@ -31,7 +31,8 @@ import numpy as np
 from ..codec import encode_tokens
 from .. import errors
 from ..errors import CodecError, InputError, ModelMismatchError, install_hint
-from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
+from ..schema import LOCATIONS_KEY, point_id, point_payload
+from ..store.base import collection_spec
 from ..store.base import CollectionSpec, PointRecord
 from .decode import DEFAULT_MAX_PIXELS, UnusableFile, register_plugins
 from .pipeline import (

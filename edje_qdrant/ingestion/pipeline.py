@@ -36,7 +36,8 @@ import numpy as np
 
 from ..codec import DTYPES, encode_tokens
 from ..errors import CodecError, InputError
-from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
+from ..schema import LOCATIONS_KEY, point_id, point_payload
+from ..store.base import collection_spec
 from ..store import open_store
 from ..store.base import PointRecord
 from .decode import (

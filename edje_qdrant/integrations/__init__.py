@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from edje_qdrant.errors import install_hint
-from edje_qdrant.rules import canonical_id
+from edje_qdrant.schema import canonical_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from edje_qdrant.retriever import Retriever, SearchResult

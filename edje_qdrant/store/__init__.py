@@ -10,8 +10,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from edje_qdrant.errors import InputError, StoreError
-from edje_qdrant.rules import FILTER_KEYS
-from edje_qdrant.store._common import redact_url
+from edje_qdrant.store.checks import redact_url
+from edje_qdrant.store.filters import FILTER_KEYS
 from edje_qdrant.store.base import CollectionSpec, Hit, PointRecord, Store
 from edje_qdrant.store.edge import EdgeStore
 
