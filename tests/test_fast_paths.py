@@ -8,7 +8,7 @@ import torch
 from edje_qdrant.errors import InputError
 from edje_qdrant.models import load_model
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.models.reranker import quantize_int8, trim_padding
+from edje_qdrant.models.full_joint import trim_padding
 
 QUERY = "a black dog runs across the green grass"
 ATOL = 1e-5
@@ -114,14 +114,14 @@ def test_int8_within_tolerance_and_original_untouched(model, tokens):
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert np.abs(got - ref).max() <= 0.5 * ref.std()
     assert np.corrcoef(got, ref)[0, 1] >= 0.98
-    assert m._joint_encoder() is m._joint_encoder()  # quantized once, then reused
+    assert m.joint_encoder() is m.joint_encoder()  # quantized once, then reused
     after = model.reranker.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     np.testing.assert_allclose(ref_model.rerank(QUERY, tokens), ref, atol=ATOL)
 
 
 def test_quantize_int8_quantizes_only_the_encoder(model):
-    q = quantize_int8(model.reranker)
+    q = model.reranker.quantize()
     kinds = {type(mod).__module__ for mod in q.bert.encoder.modules() if "Linear" in type(mod).__name__}
     assert kinds and all("quantized" in k for k in kinds)
     assert type(q.head[1]) is torch.nn.Linear  # the head stays float32
@@ -133,7 +133,7 @@ def test_int8_refuses_a_gpu_device(model, tokens):
                   clip_dim=model.clip_dim, fingerprint=model.fingerprint, device=torch.device("cuda"),
                   precision="int8")
     with pytest.raises(InputError, match="int8 runs on the CPU only"):
-        m._joint_encoder()
+        m.joint_encoder()
 
 
 def test_payload_fetched_for_top_k_only_matches_the_one_call_path(tmp_path, demo_folder, tiny_model):

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from edje_qdrant.errors import ModelError
+from edje_qdrant.models.colour import colour_patch_features
 from edje_qdrant.models.dinov2_lite import LiteDinov2
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,12 @@ def preprocess_image(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def colour_features(pixels: torch.Tensor) -> torch.Tensor:
+    """The 14 colour features of each patch (``models/colour.py``) of preprocessed pixels [B, 3, 224, 224] ->
+    float32 [B, 256, 14]."""
+    return colour_patch_features(pixels, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE)
+
+
 def global_feature(hidden: torch.Tensor) -> torch.Tensor:
     """Last hidden state [B, 1+n, 384] -> [B, 768] = concat(CLS, mean of patch tokens)."""
     return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
@@ -217,9 +224,7 @@ class Dinov2VisionTower(nn.Module):
         layer alone)."""
         glob, patches = self._encode_layers(pixels)
         if self.colour:
-            from edje_qdrant.models.colour import colour_patch_features
-
-            patches = torch.cat([patches, colour_patch_features(pixels).to(patches.dtype)], dim=-1)
+            patches = torch.cat([patches, colour_features(pixels).to(patches.dtype)], dim=-1)
         return glob, patches
 
     def _encode_layers(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Official EDJE checkpoints -> ``EdjeReranker`` (strict), and conversion to the project's compact format.
+"""Official EDJE checkpoints -> ``FullJointReranker`` (strict), and conversion to the project's compact format.
 
 Accepted sources: the training checkpoint (``torch.save({'model': state_dict, ...})``), a bare state dict
 (``.pth``/``.pt``/``.bin``/``.ckpt`` read with ``torch.load(weights_only=True)`` only, never unpickled otherwise),
@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from edje_qdrant.errors import CheckpointKeyError, ModelError
 from edje_qdrant.models import model_dir
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.full_joint import FullJointConfig, FullJointReranker
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +202,12 @@ def _int_or(cfg: dict[str, Any], *path: str) -> Any:
 
 
 def _overrides(config: dict[str, Any] | None) -> dict[str, Any]:
-    """Accept our ``RerankerConfig`` fields or the compat/official config layout (vision/bert sections)."""
+    """Accept our ``FullJointConfig`` fields or the compat/official config layout (vision/bert sections)."""
     if not config:
         return {}
     if "reranker" in config and isinstance(config["reranker"], dict):
         config = config["reranker"]
-    out = {k: v for k, v in config.items() if k in RerankerConfig.__dataclass_fields__}
+    out = {k: v for k, v in config.items() if k in FullJointConfig.__dataclass_fields__}
     mapping = {
         "vision_heads": ("vision", "num_attention_heads"), "vision_eps": ("vision", "layer_norm_eps"),
         "num_heads": ("bert", "num_attention_heads"), "layer_norm_eps": ("bert", "layer_norm_eps"),
@@ -223,7 +223,7 @@ def _overrides(config: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def reranker_config_from_official(edje: dict[str, torch.Tensor], config: dict[str, Any] | None = None,
-                                  mlm_head: bool = False) -> RerankerConfig:
+                                  mlm_head: bool = False) -> FullJointConfig:
     """Sizes from the checkpoint's shapes; heads, eps and ids from ``config`` or the known real models."""
     if "vision_projection.0.weight" in edje:
         raise ModelError("checkpoint uses the MLP vision projection (num_compressed_tokens=None, 576 image tokens); "
@@ -267,7 +267,7 @@ def reranker_config_from_official(edje: dict[str, torch.Tensor], config: dict[st
             raise ModelError(f"cannot tell the joint encoder's attention heads for hidden size {hidden}; pass "
                              "a config with bert.num_attention_heads (or num_heads)")
         vals["num_heads"] = _KNOWN_BERT_HEADS[hidden]
-    return RerankerConfig.from_dict(vals)
+    return FullJointConfig.from_dict(vals)
 
 
 # ---------------------------------------------------------------- mapping and strict load
@@ -285,7 +285,7 @@ def _dedupe(edje: dict[str, torch.Tensor], canonical: str, copies: tuple[str, ..
     return out
 
 
-def official_to_reranker_state(edje: dict[str, torch.Tensor], model: EdjeReranker) -> dict[str, torch.Tensor]:
+def official_to_reranker_state(edje: dict[str, torch.Tensor], model: FullJointReranker) -> dict[str, torch.Tensor]:
     """Map official EDJE keys onto ``model``'s keys; raise ``CheckpointKeyError`` listing every problem."""
     problems: list[str] = []
     sd = _dedupe(edje, _WORD_EMB, _WORD_EMB_COPIES, problems)
@@ -325,15 +325,15 @@ def official_to_reranker_state(edje: dict[str, torch.Tensor], model: EdjeReranke
 
 def load_official_reranker(source: str | Path | dict[str, torch.Tensor], config: dict[str, Any] | None = None,
                            mlm_head: bool = False, revision: str | None = None
-                           ) -> tuple[EdjeReranker, OfficialCheckpoint]:
-    """Build an ``EdjeReranker`` from an official checkpoint (path, hub id or state dict), strictly."""
+                           ) -> tuple[FullJointReranker, OfficialCheckpoint]:
+    """Build a ``FullJointReranker`` from an official checkpoint (path, hub id or state dict), strictly."""
     if isinstance(source, dict):
         state, where = _unwrap(source, "state dict"), "state dict"
     else:
         state, where = read_state_dict(source, revision)
     ckpt = split_official(state, where)
     cfg = reranker_config_from_official(ckpt.edje, config, mlm_head)
-    model = EdjeReranker(cfg)
+    model = FullJointReranker(cfg)
     try:
         sd = official_to_reranker_state(ckpt.edje, model)
     except CheckpointKeyError as exc:
@@ -345,7 +345,7 @@ def load_official_reranker(source: str | Path | dict[str, torch.Tensor], config:
     return model.eval(), ckpt
 
 
-def reranker_to_official_state(model: EdjeReranker, text_projection_dim: int | None = None
+def reranker_to_official_state(model: FullJointReranker, text_projection_dim: int | None = None
                                ) -> dict[str, torch.Tensor]:
     """Inverse mapping: our reranker -> official key names, with the tied copies written out (for export/tests).
 
@@ -367,11 +367,11 @@ def reranker_to_official_state(model: EdjeReranker, text_projection_dim: int | N
 
 
 # ---------------------------------------------------------------- compact format
-def save_compact(model: EdjeReranker, dst_dir: str | Path, preset: str, fp16: bool = False,
+def save_compact(model: FullJointReranker, dst_dir: str | Path, preset: str, fp16: bool = False,
                  extra: dict[str, Any] | None = None) -> Path:
     """Write a model folder (``model_dir`` format) holding this reranker (adapter, joint encoder, head); the
     towers come from ``preset``."""
-    cfg = {**model.config.to_dict(), "mlm_head": False, "kind": "edje"}
+    cfg = {**model.to_config(), "mlm_head": False}
     dtype = torch.float16 if fp16 else torch.float32
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")}
     config = {"preset": preset, "dtype": str(dtype).split(".")[-1], "reranker": cfg, **(extra or {})}
