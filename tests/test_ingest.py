@@ -236,7 +236,7 @@ def test_a_ctrl_c_during_a_batch_write_is_raised_after_the_batch_is_counted():
     import signal
     import time
 
-    from edje_qdrant.ingestion.pipeline import interrupt_after
+    from edje_qdrant.ingestion.run import interrupt_after
 
     steps = []
     with pytest.raises(KeyboardInterrupt):

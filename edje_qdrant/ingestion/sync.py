@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from ..schema import (FOLDER_KEY, LOCATIONS_KEY, METADATA_KEY, MTIME_KEY, PAGE_CONTENT_KEY, SOURCE_KEY,
                       stored_locations)
+from .steps import caption_of
 from .walk import display_path
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ def relocate(old: list[dict[str, str]], found: list[dict[str, str]], root: str, 
 
 
 def sync_collection(store: Any, collection: str, root: Path, found: dict[str, list[dict[str, str]]],
-                    unreadable: Unreadable, prune: bool, report: Any, caption_of: Callable[[Path], str | None]
-                    ) -> None:
+                    unreadable: Unreadable, prune: bool, report: Any) -> None:
     """After a complete walk of ``root`` and every upsert: rewrite the locations of points whose files moved,
     then (with ``prune``) delete the points left with none. ``found``: point id -> where this walk met its
     content; ``report`` gets ``removed``, ``moved`` and ``prune_skipped``."""
@@ -101,7 +101,7 @@ def sync_collection(store: Any, collection: str, root: Path, found: dict[str, li
         if not new:
             stale.append(hit.id)
             continue
-        updates[hit.id], moved = _relocated(meta, new, caption_of)
+        updates[hit.id], moved = _relocated(meta, new)
         report.moved += moved
     log.info("sync %s: updating the paths of %d points, then removing %d stale points", shown_root, len(updates),
              len(stale))
@@ -112,8 +112,7 @@ def sync_collection(store: Any, collection: str, root: Path, found: dict[str, li
         report.removed = len(stale)
 
 
-def _relocated(meta: dict[str, Any], locations: list[dict[str, str]], caption_of: Callable[[Path], str | None]
-               ) -> tuple[dict[str, Any], int]:
+def _relocated(meta: dict[str, Any], locations: list[dict[str, str]]) -> tuple[dict[str, Any], int]:
     """Payload keys to rewrite for a point whose locations changed (its source too when that moved), and
     whether it moved (1) or only gained/lost other locations (0)."""
     first = locations[0]
