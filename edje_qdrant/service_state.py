@@ -59,8 +59,9 @@ class RetrieverHolder:
             return self._images
 
     def close(self) -> None:
+        """Close a retriever this holder built (one given to it belongs to the caller)."""
         if not self._given and self._retriever is not None:
-            self._retriever.store.close()
+            self._retriever.close()
 
 
 class ResultsOut:

@@ -165,12 +165,10 @@ def test_canonical_blob_fast_decode_equals_the_msgpack_path(dtype, out_dtype):
     x = rng.standard_normal((16, 24)).astype(np.float32)
     blob = codec.encode_tokens(x, dtype)
     fast = np.empty((16, 24), out_dtype)
-    assert codec._fill_canonical(blob, fast)
-    record = codec._unpack(blob, None)
-    slow = np.empty((16, 24), out_dtype)
-    codec._fill(record, *codec._validated(record, None, (16, 24)), slow)
+    assert codec.decode_canonical_into(blob, fast)
+    slow = codec.decode_tokens(blob, expected_shape=(16, 24)).astype(out_dtype)  # the msgpack path
     assert np.array_equal(fast, slow)
-    assert not codec._fill_canonical(blob, np.empty((16, 25), out_dtype))  # other shape: the full path decides
+    assert not codec.decode_canonical_into(blob, np.empty((16, 25), out_dtype))  # other shape: the full path decides
 
 
 def test_non_canonical_records_still_decode_through_msgpack():
@@ -184,7 +182,7 @@ def test_non_canonical_records_still_decode_through_msgpack():
     record = {"data": x.astype("<f2").tobytes(), "shape": [3, 4], "dtype": "fp16", "v": 1}
     blob = pybase64.b64encode(msgpack.packb(record, use_bin_type=True)).decode()
     out = np.empty((3, 4), np.float32)
-    assert not codec._fill_canonical(blob, out)
+    assert not codec.decode_canonical_into(blob, out)
     codec.decode_into(blob, out)
     assert np.array_equal(out, x)
     truncated = codec.encode_tokens(x)[:-8]
