@@ -39,6 +39,21 @@ def test_second_ingest_adds_nothing(ingested, demo_folder):
     assert "ingested 0, skipped-existing 12, duplicates 0, failed 0, removed 0, moved 0 in " in res.output
 
 
+def test_decode_threads_and_the_ray_only_options(tmp_path, demo_folder):
+    """--decode-threads counts decode threads (here, or in each Ray worker); the Ray-only options need --ray; the
+    old --workers, which meant decode threads here and Ray workers with --ray, is gone."""
+    store = str(tmp_path / "store")
+    res = _cli("ingest", str(demo_folder), "--store", store, "--model", "tiny-random", "--decode-threads", "1",
+               "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["ingested"] == 12
+    for option in ("--ray-workers", "--gpus-per-worker"):
+        res = CliRunner().invoke(main, ["ingest", str(demo_folder), "--store", store, option, "2"])
+        assert res.exit_code == 1 and f"{option} applies to Ray workers: add --ray" in res.output
+    res = CliRunner().invoke(main, ["ingest", str(demo_folder), "--store", store, "--workers", "2"])
+    assert res.exit_code == 2 and "No such option '--workers'" in res.output
+
+
 def test_search_json_has_both_scores(ingested):
     store, _ = ingested
     res = _cli("search", "a dog", "--store", str(store), "--json", "-k", "4", "--rerank-k", "8")
