@@ -21,12 +21,20 @@ from edje_qdrant.errors import InputError
 from edje_qdrant.schema import (CAMERA_KEY, CAMERA_MAKE_KEY, CAMERA_MODEL_KEY, FOLDER_KEY, MIME_KEY, TAKEN_AT_KEY,
                                 metadata_field)
 
-FILTER_KEYS = ("folder", "taken_after", "taken_before", "camera", "mime")
+TAKEN_AFTER, TAKEN_BEFORE = "taken_after", "taken_before"
+FILTER_KEYS = (FOLDER_KEY, TAKEN_AFTER, TAKEN_BEFORE, CAMERA_KEY, MIME_KEY)  # the small form's keys
 FILTER_CLAUSES = ("must", "should", "must_not", "min_should")
-_MATCH_FIELDS = {
-    "folder": (metadata_field(FOLDER_KEY),),
-    "camera": tuple(metadata_field(k) for k in (CAMERA_KEY, CAMERA_MODEL_KEY, CAMERA_MAKE_KEY)),
-    "mime": (metadata_field(MIME_KEY),),
+_MATCH_FIELDS = {  # a small-form key -> the payload fields it matches
+    FOLDER_KEY: (metadata_field(FOLDER_KEY),),
+    CAMERA_KEY: tuple(metadata_field(k) for k in (CAMERA_KEY, CAMERA_MODEL_KEY, CAMERA_MAKE_KEY)),
+    MIME_KEY: (metadata_field(MIME_KEY),),
+}
+FILTER_HELP = {  # what each small-form key matches, as the HTTP API documents it
+    FOLDER_KEY: "metadata.folder (repeat for any of)",
+    CAMERA_KEY: "metadata.camera / camera_model / camera_make (repeat for any of)",
+    MIME_KEY: "metadata.mime, e.g. image/jpeg (repeat for any of)",
+    TAKEN_AFTER: "metadata.taken_at >= this ISO date or datetime",
+    TAKEN_BEFORE: "metadata.taken_at < this ISO date or datetime",
 }
 TAKEN_AT = metadata_field(TAKEN_AT_KEY)
 _CLIENT_MODELS = "qdrant_client.http.models.models"  # checked via sys.modules: no import cost on the Edge path
@@ -140,10 +148,10 @@ def parse_dict(d: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...], Any, An
             parts.append(("match", fields, sorted(value), None))
         else:
             raise InputError(f"filter {key!r} must be a string or a non-empty list of strings, got {value!r}")
-    after, before = d.get("taken_after"), d.get("taken_before")
+    after, before = d.get(TAKEN_AFTER), d.get(TAKEN_BEFORE)
     if after is not None or before is not None:
-        gte = parse_when("taken_after", after) if after is not None else None
-        lt = parse_when("taken_before", before) if before is not None else None
+        gte = parse_when(TAKEN_AFTER, after) if after is not None else None
+        lt = parse_when(TAKEN_BEFORE, before) if before is not None else None
         parts.append(("datetime", (TAKEN_AT,), gte, lt))
     return parts
 
