@@ -10,6 +10,9 @@ from typing import Any
 
 import click
 
+from edje_qdrant.errors import InputError
+from edje_qdrant.search_args import check_search_args
+
 from .options import library_errors, model_options, open_store_from, progress_option, show_progress, store_options
 from .render_options import render_options, write_renders
 from .scale import collection_layout, ray_options, scale_options
@@ -59,11 +62,11 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
     layout, ray = collection_layout(scale), ray_options(scale)
     executor = {"executor": "ray", "ray_options": ray} if ray else {}
     try:  # Ctrl-C while the libraries load: a clean exit too, nothing was written yet
-        from edje_qdrant.ingestion import ingest as run_ingest
+        from edje_qdrant.ingestion import ingest as run_ingest  # cost: numpy, Pillow, the store libraries
     except KeyboardInterrupt:
         click.echo("interrupted before ingesting anything", err=True)
         sys.exit(130)
-    from tqdm import tqdm
+    from tqdm import tqdm  # cost: only commands that draw a bar load it
 
     tqdm.monitor_interval = 0  # no tqdm monitor thread: nothing of ours is left running at interpreter exit
     # A store folder goes to ingest as a path: it checks the folder and the store's lock before the model loads,
@@ -136,10 +139,8 @@ Scores (the same names in --json, --html, --grid, the HTTP API and the LangChain
 def search(query: str | None, image: Path | None, store: str, url: str | None, api_key: str | None,
            collection: str, model: str | None, device: str | None, k: int, rerank_k: int, where: tuple[str, ...],
            as_json: bool, html: Path | None, grid: Path | None) -> None:
-    from edje_qdrant.errors import InputError
-    from edje_qdrant.retriever import Retriever
-    from edje_qdrant.search_args import check_search_args
-    from edje_qdrant.store.filters import filter_from_where
+    from edje_qdrant.retriever import Retriever  # cost: imported per command, so --help and argument errors stay fast
+    from edje_qdrant.store.filters import filter_from_where  # cost: as above (the store package loads its engine)
 
     if (query is None) == (image is None):
         raise InputError("pass either QUERY text or --image PHOTO (one of them)")
@@ -175,7 +176,7 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
               help="How many images to write.")
 def demo_images(folder: Path, count: int) -> None:
     """Write a folder of generated demo images (coloured shapes, with captions) to try ingest and search on."""
-    from edje_qdrant.demo_images import write_demo_images
+    from edje_qdrant.demo_images import write_demo_images  # cost: Pillow's drawing modules
 
     try:
         paths = write_demo_images(folder, count)
@@ -232,9 +233,7 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
 
     Keeps only adapter, joint encoder and head (no SigLIP copies); load it with --model OUT_DIR.
     """
-    from edje_qdrant.models.official import convert_official
-
-    from edje_qdrant.errors import InputError
+    from edje_qdrant.models.official import convert_official  # cost: torch and transformers (seconds)
 
     config = None
     if config_file is not None:
@@ -359,9 +358,8 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
     "rerank K" rows use the model's default score, exactly what `search --rerank-k K` returns; the R@1 gain over
     the first stage comes with a paired bootstrap 95 % interval. --json also has logit_only and fused_tuned.
     """
-    from edje_qdrant.errors import InputError
-    from edje_qdrant.evaluate import evaluate
-    from edje_qdrant.models import load_model
+    from edje_qdrant.evaluate import evaluate  # cost: imported per command, so --help and argument errors stay fast
+    from edje_qdrant.models import load_model  # cost: torch (seconds)
 
     try:
         ks = [int(x) for x in rerank_ks.split(",") if x.strip()]
@@ -369,7 +367,7 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
         raise InputError(f"--rerank-k must be comma-separated integers, got {rerank_ks!r}") from None
     bar = _progress_bar(show_progress(progress, as_json))
     if binding:
-        from edje_qdrant.binding import evaluate_binding
+        from edje_qdrant.binding import evaluate_binding  # cost: imported per command, so --help and argument errors stay fast
 
         report = evaluate_binding(captions, images, split, load_model(model, device=device), rerank_k=max(ks),
                                   store_path=eval_store, dtype=dtype, max_queries=max_queries, progress=bar)
@@ -380,7 +378,7 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
                    dtype=dtype, max_queries=max_queries, progress=bar)
     bar.close()
     if plot is not None:
-        from edje_qdrant.render import plot_recall
+        from edje_qdrant.render import plot_recall  # cost: Pillow's drawing modules, only with --plot
 
         curve = {0: {m: out["first_stage"][f"t2i_{m}"] for m in ("r1", "r5", "r10")}}
         curve.update({int(k): {m: v[f"t2i_{m}"] for m in ("r1", "r5", "r10")} for k, v in out["reranked"].items()})
@@ -467,7 +465,7 @@ class _progress_bar:
             return
         if phase != self.phase:
             self.close()
-            from tqdm import tqdm
+            from tqdm import tqdm  # cost: only commands that draw a bar load it
 
             self.bar, self.phase = tqdm(total=total, desc=phase, unit="q", file=sys.stderr), phase
         self.bar.update(done - self.bar.n)

@@ -66,7 +66,7 @@ def ray_options(scale: dict[str, Any]) -> Any:
             if scale[name]:
                 raise InputError(f"{flag} applies to Ray workers: add --ray")
         return None
-    from edje_qdrant.ingestion.distributed import RayOptions, import_ray
+    from edje_qdrant.ingestion.distributed import RayOptions, import_ray  # cost: imported per command, so --help and argument errors stay fast
 
     import_ray()
     if logging.getLogger().getEffectiveLevel() > logging.INFO:  # without -v: Ray Data's per-dataset notes and its

@@ -86,8 +86,8 @@ class RayOptions:
 def import_ray() -> Any:
     """The ``ray`` module with Ray Data, or RayUnavailableError with the install command."""
     try:
-        import ray
-        import ray.data  # noqa: F401  (the extra installs ray[data]; plain `ray` lacks pyarrow/pandas)
+        import ray  # cost: Ray is an optional extra (seconds to import)
+        import ray.data  # noqa: F401  cost: as above (the extra installs ray[data]; plain `ray` lacks pyarrow/pandas)
     except ImportError as exc:
         raise RayUnavailableError(f"distributed ingest needs Ray (Ray Data), which is not installed ({exc}); "
                                   f"install it with: {install_hint('ray')}") from None
@@ -190,7 +190,7 @@ def _hash_batch(batch: dict[str, np.ndarray], file_timeout: float) -> dict[str, 
 def worker_model(source: str, fingerprint: str, precision: str, device: str) -> Any:
     """The model a worker embeds with, built here from what names it; ModelMismatchError when it is not the
     driver's model (another version of the folder or the wheels on this node would store other vectors)."""
-    from ..models import load_model  # torch: only in processes that embed
+    from ..models import load_model  # cost: torch, only in processes that embed
 
     model = load_model(source, device=device, precision=precision, parts=("vision", "reranker"))
     if model.fingerprint != fingerprint:
@@ -205,7 +205,7 @@ class EmbedWorker:
 
     def __init__(self, model_source: str, fingerprint: str, precision: str, settings: IngestSettings,
                  connection: dict[str, Any] | None, spec: CollectionSpec) -> None:
-        import ray
+        import ray  # cost: Ray is an optional extra (in a Ray worker it is loaded already)
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.model = worker_model(model_source, fingerprint, precision, device)

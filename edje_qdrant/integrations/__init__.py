@@ -6,6 +6,7 @@ result.
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Sequence
 
 from edje_qdrant.errors import install_hint
@@ -18,8 +19,6 @@ __all__ = ["canonical_id", "rerank_point_ids", "result_metadata", "require"]
 
 def require(module: str, extra: str) -> None:
     """Import check with the fix in the message (the PyPI and the from-a-checkout install command)."""
-    import importlib
-
     try:
         importlib.import_module(module)
     except ImportError as exc:

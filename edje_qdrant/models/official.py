@@ -36,6 +36,7 @@ from edje_qdrant.models.full_joint import FullJointConfig, FullJointReranker
 log = logging.getLogger(__name__)
 
 OFFICIAL_HUB_REPO = "shahafw/edje-vl-image-retrieval-reranker"
+CONVERTED_FROM = "source"  # the field of a converted folder's config.json naming the checkpoint it came from
 
 _RENAMES = (
     ("vision_projection.", "adapter."),
@@ -116,7 +117,7 @@ def _pick_hub_file(files: list[str]) -> list[str]:
 def _download(repo_id: str, revision: str | None) -> list[Path]:
     looked = f"*.safetensors or a single {'/'.join('*' + s for s in _PICKLE_SUFFIXES)} file"
     try:
-        import huggingface_hub
+        import huggingface_hub  # cost: the hub client, only when a checkpoint is downloaded
     except ImportError as exc:
         raise ModelError(f"{repo_id!r} is not a local file or directory, and downloading it needs "
                          "huggingface_hub (pip install huggingface_hub)") from exc
@@ -382,4 +383,4 @@ def convert_official(src: str | Path, dst_dir: str | Path, fp16: bool = False,
                      preset: str = "siglip2-l16-384-edje", config: dict[str, Any] | None = None) -> Path:
     """Official checkpoint -> compact directory loadable by ``load_model(dst_dir)`` (towers from ``preset``)."""
     model, ckpt = load_official_reranker(src, config)
-    return save_compact(model, dst_dir, preset, fp16, extra={"source": ckpt.source})
+    return save_compact(model, dst_dir, preset, fp16, extra={CONVERTED_FROM: ckpt.source})

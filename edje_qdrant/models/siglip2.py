@@ -92,7 +92,7 @@ def _hub_error(what: str, exc: Exception) -> ModelError:
 
 
 def _load_siglip_from_hub() -> tuple[nn.Module, Any]:
-    from transformers import AutoTokenizer, SiglipModel
+    from transformers import AutoTokenizer, SiglipModel  # cost: transformers' SigLIP classes
 
     try:
         model = SiglipModel.from_pretrained(SIGLIP_REPO)

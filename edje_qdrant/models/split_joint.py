@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -324,15 +326,11 @@ class TextStates:
             self.flat = torch.cat(flat)
 
     def save(self, path: str | Path, key: str) -> None:
-        from safetensors.torch import save_file
-
         save_file({"flat": self.flat.contiguous(), "lengths": self.lengths}, str(path), metadata={"key": key})
 
     @classmethod
     def load(cls, path: str | Path, key: str) -> "TextStates | None":
         """The states saved under ``key`` at ``path``, or None when absent or saved for other texts/weights."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             return None

@@ -74,11 +74,9 @@ def create_collection_args(spec: CollectionSpec, options: CollectionOptions | No
                            use_metadata: bool = True) -> dict[str, Any]:
     """Keyword arguments of ``QdrantClient.create_collection`` for an edje collection laid out by ``options``."""
     layout = options or CollectionOptions()
-    args: dict[str, Any] = {
-        "vectors_config": {VECTOR_NAME: models.VectorParams(size=spec.dim, distance=models.Distance.COSINE,
-                                                            on_disk=layout.on_disk_vectors)},
-        "metadata": {SPEC_KEY: spec.to_dict()} if use_metadata else None,
-    }
+    vectors = {VECTOR_NAME: models.VectorParams(size=spec.dim, distance=models.Distance.COSINE,
+                                                on_disk=layout.on_disk_vectors)}
+    args: dict[str, Any] = dict(vectors_config=vectors, metadata={SPEC_KEY: spec.to_dict()} if use_metadata else None)
     if layout.shards is not None:
         args["shard_number"] = layout.shards
     if layout.replication is not None:
