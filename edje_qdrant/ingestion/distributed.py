@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +36,7 @@ from .pool import HASH_PRIORITY, TaskPool
 from .run import IngestRun
 from .steps import (DEFAULT_FILE_TIMEOUT, ErrorLog, IngestReport, IngestSettings, Prepared, guarded, hash_item,
                     point_of, prepare, settings_for, walked_location)
-from .walk import WalkError, WalkItem, display_path, walk_images
+from .walk import WalkError, WalkItem, walk_images
 
 log = logging.getLogger(__name__)
 
@@ -308,26 +307,15 @@ class RayRun(IngestRun):
         self.written: set[str] = set()
         self.pending: list[PointRecord] = []
 
-    def execute(self) -> IngestReport:
-        t0 = time.monotonic()
-        ctx = self.ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        try:
-            todo = self._hash_and_check()
-            if todo:
-                try:
-                    self._embed(todo)
-                except self.ray.exceptions.RayActorError as exc:
-                    raise _worker_start_error(exc) from None
-            self._write()
-            self.sync()
-        except BaseException as exc:
-            self.failed_run(exc, t0)
-            raise
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-        return self.done(t0)
+    def work(self) -> None:
+        self.ray.data.DataContext.get_current().enable_progress_bars = False
+        todo = self._hash_and_check()
+        if todo:
+            try:
+                self._embed(todo)
+            except self.ray.exceptions.RayActorError as exc:
+                raise _worker_start_error(exc) from None
+        self._write()
 
     # -- phase 1: list, hash (Ray tasks), drop duplicates and what the store holds
     def _list(self) -> list[dict[str, Any]]:

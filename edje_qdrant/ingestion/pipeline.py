@@ -25,7 +25,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -166,6 +165,7 @@ class LocalRun(IngestRun):
         # Chunks of (item, sha or UnusableFile) from the producer; small so it stays close ahead.
         self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
         self.pool = TaskPool(settings.decode_threads)
+        self.producer = threading.Thread(target=self._produce, name="edje-ingest-walk", daemon=True)
 
     # -- producer thread ------------------------------------------------------------------------
     def _put(self, msg: tuple[str, Any]) -> bool:
@@ -220,27 +220,18 @@ class LocalRun(IngestRun):
             self._put(("done", None))
 
     # -- calling thread -------------------------------------------------------------------------
-    def execute(self) -> IngestReport:
-        t0 = time.monotonic()
-        producer = threading.Thread(target=self._produce, name="edje-ingest-walk", daemon=True)
-        try:
-            if self.progress:
-                self.open_bar("ingest")
-            producer.start()
-            self._consume()
-            self.sync()
-        except BaseException as exc:
-            self.failed_run(exc, t0)
-            raise
-        finally:
-            self.stop.set()
-            self.pool.shutdown()
-            if producer.is_alive():
-                producer.join(timeout=2.0)
-            self.errors.close()
-            if self.bar is not None:
-                self.bar.close()
-        return self.done(t0)
+    def work(self) -> None:
+        if self.progress:
+            self.open_bar("ingest")
+        self.producer.start()
+        self._consume()
+
+    def release(self) -> None:
+        self.stop.set()
+        self.pool.shutdown()
+        if self.producer.is_alive():
+            self.producer.join(timeout=2.0)
+        self.errors.close()
 
     def _consume(self) -> None:
         inflight: deque[tuple[WalkItem, Any]] = deque()

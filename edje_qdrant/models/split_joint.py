@@ -9,9 +9,9 @@ with. The official full-joint layout is ``full_joint.FullJointReranker``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from safetensors import safe_open
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models import minilm
 from edje_qdrant.models.adapter import TokenCompressionAdapter
-from edje_qdrant.models.base import ConfigSizes
+from edje_qdrant.models.base import ConfigSizes, DictConfig
 from edje_qdrant.models.colour import WIDTH as COLOUR_WIDTH
 from edje_qdrant.models.int8 import int8_copy
 
@@ -31,7 +31,7 @@ _TEXT_BERT = "text_bert."  # state-dict prefix of the frozen MiniLM layers
 
 
 @dataclass
-class SplitJointConfig:
+class SplitJointConfig(DictConfig):
     """Sizes of the split reranker. ``vision_width`` is the adapter's input width (384 x number of DINOv2 layers
     concatenated); ``text_layers`` MiniLM layers are frozen and shared by all candidates of a query."""
 
@@ -52,17 +52,10 @@ class SplitJointConfig:
     head_hidden: int = 384
     max_text_tokens: int = 64
     kind: str = KIND
+    WHAT: ClassVar[str] = "split reranker config"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SplitJointConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelError(f"split reranker config has unknown fields {unknown}; known: {sorted(known)}")
-        cfg = cls(**data)
+    def check(self) -> None:
+        cfg = self
         if cfg.adapter not in ("attention", "pool"):
             raise ModelError(f"split reranker config: adapter must be 'attention' or 'pool', got {cfg.adapter!r}")
         if cfg.adapter == "pool" and cfg.num_tokens != (16 // max(cfg.patch_pool, 1)) ** 2:
@@ -73,7 +66,6 @@ class SplitJointConfig:
         if cfg.kind != KIND or not 0 <= cfg.text_layers <= 6 or cfg.joint_layers < 1:
             raise ModelError(f"split reranker config: kind must be {KIND!r}, text_layers 0..6 and joint_layers >= 1"
                              f" (got {cfg.kind!r}, {cfg.text_layers}, {cfg.joint_layers})")
-        return cfg
 
 
 class JointLayer(nn.Module):
