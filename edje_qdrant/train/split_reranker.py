@@ -212,9 +212,9 @@ class GroupSampler:
 class SplitTrainer:
     """One step = t2i groups + i2t groups through the split reranker, residual listwise loss."""
 
-    def __init__(self, model: SplitJointReranker, data: CaptionSet, tokens: dict[str, torch.Tensor], held: HeldOutScores,
-                 opts: SplitTrainOptions, device: torch.device, bf16: bool, memo_dir: str | Path | None = None,
-                 n_captions: int | None = None) -> None:
+    def __init__(self, model: SplitJointReranker, data: CaptionSet, tokens: dict[str, torch.Tensor],
+                 held: HeldOutScores, opts: SplitTrainOptions, device: torch.device, bf16: bool,
+                 memo_dir: str | Path | None = None, n_captions: int | None = None) -> None:
         """``data`` may end with counterfeit captions: the first ``n_captions`` (default all) are true ones."""
         self.model, self.data, self.tokens, self.held, self.o = model, data, tokens, held, opts
         self.device, self.bf16 = device, bf16
