@@ -166,30 +166,30 @@ def offline_preset(device: str = "cpu", precision: str | None = "fp32") -> Any |
 
 def joint_config(num_layers: int = 6, num_tokens: int = 64) -> Any:
     """MiniLM-L6 (num_layers=6) / MiniLM-L12 (12, the paper's) shaped joint encoder over DINOv2-S tokens."""
-    from edje_qdrant.models.reranker import RerankerConfig
+    from edje_qdrant.models.full_joint import FullJointConfig
 
-    return RerankerConfig(vision_width=384, vision_heads=6, num_tokens=num_tokens, adapter_hidden=1536,
-                          hidden_size=384, num_layers=num_layers, num_heads=12, intermediate_size=1536)
+    return FullJointConfig(vision_width=384, vision_heads=6, num_tokens=num_tokens, adapter_hidden=1536,
+                           hidden_size=384, num_layers=num_layers, num_heads=12, intermediate_size=1536)
 
 
 def joint_encoder(num_layers: int = 6, num_tokens: int = 64, preset: Any | None = None) -> tuple[Any, str]:
-    """(EdjeReranker, what it is): the offline preset's when given and shaped alike, else a stand-in.
+    """(FullJointReranker, what it is): the offline preset's when given and shaped alike, else a stand-in.
 
     The L6 stand-in copies the real all-MiniLM-L6-v2 weights into the encoder (realistic activations, so precision
     deviations mean something); adapter and head stay random. L12 has no local weights: random init.
     """
-    from edje_qdrant.models.reranker import EdjeReranker
+    from edje_qdrant.models.full_joint import FullJointReranker
 
     if preset is not None and num_layers == 6 and num_tokens == preset.num_tokens:
         return preset.reranker, f"{OFFLINE_PRESET} (trained)"
     torch.manual_seed(num_layers * 100 + num_tokens)
-    model = EdjeReranker(joint_config(num_layers, num_tokens)).eval()
+    model = FullJointReranker(joint_config(num_layers, num_tokens)).eval()
     what = f"random MiniLM-L{num_layers}-shaped, m={num_tokens}"
     if num_layers == 6:
         try:
-            from edje_qdrant.models.minilm import init_edje_reranker
+            from edje_qdrant.models.full_joint import init_full_joint_from_minilm
 
-            init_edje_reranker(model, zero_head=False)
+            init_full_joint_from_minilm(model, zero_head=False)
             what = f"stand-in: all-MiniLM-L6-v2 encoder weights + random adapter/head, m={num_tokens}"
         except Exception:
             pass

@@ -20,7 +20,7 @@ from PIL import Image
 
 import _common as C
 from edje_qdrant.ingestion import ingest
-from edje_qdrant.ingestion.pipeline import default_workers
+from edje_qdrant.ingestion.steps import default_workers
 from edje_qdrant.models.base import EdjeModel
 from edje_qdrant.store import EdgeStore
 

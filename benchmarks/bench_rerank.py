@@ -17,7 +17,7 @@ import torch
 
 import _common as C
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.models.reranker import trim_padding
+from edje_qdrant.models.full_joint import trim_padding
 
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 

@@ -17,7 +17,7 @@ import torch
 
 import _common as C
 from edje_qdrant.codec import codec_name, decode_batch, encode_tokens
-from edje_qdrant.rules import RESULT_PAYLOAD_KEYS, TOKENS_KEY
+from edje_qdrant.schema import RESULT_PAYLOAD_KEYS, TOKENS_KEY
 from edje_qdrant.models.base import EdjeModel
 from edje_qdrant.retriever import Retriever
 from edje_qdrant.store import EdgeStore

@@ -17,12 +17,12 @@ import _common as C
 
 
 def paper_reranker() -> Any:
-    from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+    from edje_qdrant.models.full_joint import FullJointReranker, FullJointConfig
 
     torch.manual_seed(0)
-    cfg = RerankerConfig(vision_width=1024, vision_heads=16, num_tokens=64, adapter_hidden=8192, hidden_size=384,
-                         num_layers=12, num_heads=12, intermediate_size=1536)
-    return EdjeReranker(cfg).eval()
+    cfg = FullJointConfig(vision_width=1024, vision_heads=16, num_tokens=64, adapter_hidden=8192, hidden_size=384,
+                          num_layers=12, num_heads=12, intermediate_size=1536)
+    return FullJointReranker(cfg).eval()
 
 
 def siglip2_l16_384() -> Any:

@@ -16,15 +16,16 @@ import torch
 
 import _common as C
 from bench_search import bench_model, build_collection
-from edje_qdrant.codec import blob_data_bytes, decode_batch, encode_tokens
+from edje_qdrant.codec import decode_batch, encode_tokens
 from edje_qdrant.store import EdgeStore
 
 
 def blob_sizes(dtype: str, m: int = 64, d: int = 384) -> dict[str, int]:
     blob = encode_tokens(C.realistic_tokens(1, m, d)[0].astype(np.float32), dtype)
     raw = pybase64.b64decode(blob)
-    msgpack.unpackb(raw)  # sanity
-    return {"token_bytes": blob_data_bytes(blob), "msgpack_bytes": len(raw), "base64_chars": len(blob)}
+    record = msgpack.unpackb(raw)
+    token_bytes = len(record["data"]) + len(record.get("scales", b""))
+    return {"token_bytes": token_bytes, "msgpack_bytes": len(raw), "base64_chars": len(blob)}
 
 
 def disk_per_point(n: int, dtype: str, model: Any, workdir: str | None) -> tuple[float, float]:

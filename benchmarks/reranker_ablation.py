@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edje_qdrant.models import load_model
     from edje_qdrant.models.flickr8k_preset import NAME, PRESET_DIR
-    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+    from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig
     from edje_qdrant.train.common import default_cache_folder, pick_device, use_bf16
     from edje_qdrant.train.data import caption_set, read_captions
     from edje_qdrant.train.pipeline import train_split
@@ -135,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                           candidates=args.candidates, run_name=args.name)
     from safetensors.torch import load_file
 
-    model = SplitReranker(SplitRerankerConfig.from_dict(cfg["reranker"])).to(device)
+    model = SplitJointReranker(SplitJointConfig.from_dict(cfg["reranker"])).to(device)
     model.load_state_dict(load_file(str(run / WEIGHTS)), strict=False)
     model.eval()
     shipped = load_model(NAME, device=str(device), precision="fp32")
     txt, img = dev_embeddings(shipped, dev, token_root)
     weight = shipped.fusion_weight * float(cfg.get("fusion_gain", 1.0))  # the exported preset's fusion weight
     sim, pos = weight * (txt @ img.t()), torch.tensor(dev.caption_image)
-    rc = SplitRerankerConfig.from_dict(cfg["reranker"])
+    rc = SplitJointConfig.from_dict(cfg["reranker"])
     dev_tokens = load_patch_tokens(token_root, dev.images, "orig", cfg["options"]["layers"], rc.patch_pool,
                                    colour_from=images if rc.colour else None)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

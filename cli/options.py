@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import click
 
+from edje_qdrant.errors import EdjeError
+
 DEFAULT_STORE = "./edje-data"
 DEFAULT_COLLECTION = "images"
 
@@ -61,7 +63,7 @@ def show_progress(progress: bool | None, as_json: bool = False) -> bool:
 def open_store_from(store: str, url: str | None, api_key: str | None, *, create: bool = True,
                     collection_options: Any = None) -> Any:
     """The store the options name; ``create=False`` for read-only commands (a missing store is an error)."""
-    from edje_qdrant.store import open_store
+    from edje_qdrant.store import open_store  # cost: the store libraries, once the arguments are checked
 
     return open_store(path=None if url else store, url=url, api_key=api_key, create=create,
                       collection_options=collection_options)
@@ -72,8 +74,6 @@ def library_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from edje_qdrant.errors import EdjeError
-
         try:
             return func(*args, **kwargs)
         except EdjeError as exc:

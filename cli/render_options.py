@@ -19,7 +19,7 @@ def render_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def write_renders(query: str, results: Sequence[Any], html: Path | None, grid: Path | None, *,
                   fusion_weight: float | None = None) -> None:
     """Write the files asked for; says where on stderr so stdout stays `score  path` lines / JSON."""
-    from edje_qdrant.render import write_grid, write_html
+    from edje_qdrant.render import write_grid, write_html  # cost: Pillow's drawing modules, only with --html/--grid
 
     if html is not None:
         click.echo(f"wrote {write_html(query, results, html, fusion_weight=fusion_weight)}", err=True)

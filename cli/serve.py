@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from edje_qdrant.errors import install_hint
+from edje_qdrant.errors import EdjeError, install_hint
 
 from .options import library_errors, model_options, open_store_from, store_options
 
@@ -46,12 +46,12 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
     """Serve the search page (/), POST /search, image search and the images of points, GET /healthz,
     GET /metrics and the API docs (/docs) for one collection."""
     try:
-        import uvicorn
+        import uvicorn  # cost: the `service` extra, only for this command
 
-        from edje_qdrant.service import ServiceLimits, create_app
+        from edje_qdrant.service import ServiceLimits, create_app  # cost: as above (FastAPI)
     except ImportError as exc:
         raise click.ClickException(f"{exc}. The service needs the `service` extra: {install_hint('service')}") from None
-    from edje_qdrant.retriever import Retriever
+    from edje_qdrant.retriever import Retriever  # cost: imported per command, so --help and argument errors stay fast
 
     def factory() -> Retriever:
         target = open_store_from(store, url, api_key, create=False)
@@ -60,8 +60,6 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
         except BaseException:
             target.close()
             raise
-
-    from edje_qdrant.errors import EdjeError
 
     try:
         factory_or_retriever: Any = factory()
@@ -81,7 +79,7 @@ def serve(store: str, url: str | None, api_key: str | None, collection: str, mod
     if not _is_loopback(host) and not service_api_key:
         click.echo(f"warning: listening on {host} without --service-api-key: anyone who can reach port {port} "
                    "can search this collection", err=True)
-    from edje_qdrant.store import redact_url
+    from edje_qdrant.store import redact_url  # cost: imported per command, so --help and argument errors stay fast
 
     where = redact_url(url) if url else store
     page = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"

@@ -1,6 +1,7 @@
 """edje-qdrant: EDJE vision-language re-ranking for image search in Qdrant (arXiv 2510.06820)."""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
@@ -17,8 +18,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:  # lazy: `import edje_qdrant` stays cheap (no torch import)
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'edje_qdrant' has no attribute {name!r}")

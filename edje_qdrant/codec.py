@@ -15,7 +15,7 @@ import numpy as np
 import pybase64
 
 from .errors import CodecError
-from .rules import TOKENS_KEY
+from .schema import TOKENS_KEY
 
 CODEC_VERSION = 1
 DTYPES = ("fp16", "int8")
@@ -142,9 +142,9 @@ def _canonical_layout(dtype: str, m: int, d: int) -> tuple[bytes, int, bytes]:
     return raw[:start], n, middle
 
 
-def _fill_canonical(blob: Any, out: np.ndarray) -> bool:
-    """Fast path of ``decode_into`` for blobs in the canonical layout (base64 decode + one copy, no msgpack
-    objects). False when the blob is anything else; the full path then decides."""
+def decode_canonical_into(blob: Any, out: np.ndarray) -> bool:
+    """The fast path of ``decode_into``, alone: a blob in the canonical layout decoded into ``out`` (base64 decode
+    + one copy, no msgpack objects). False when the blob is anything else; the full path then decides."""
     if not isinstance(blob, (str, bytes)) or len(blob) > MAX_BLOB_CHARS or out.ndim != 2:
         return False
     try:
@@ -172,7 +172,7 @@ def _fill_canonical(blob: Any, out: np.ndarray) -> bool:
 
 def decode_into(blob: Any, out: np.ndarray, point_id: Any = None) -> None:
     """Decode one blob straight into ``out`` ([m, d], float16 or float32); raises CodecError on any defect."""
-    if _fill_canonical(blob, out):
+    if decode_canonical_into(blob, out):
         return
     record = _unpack(blob, point_id)
     dtype, shape = _validated(record, point_id, out.shape)
@@ -202,10 +202,3 @@ def decode_batch(
             out[i] = 0.0
             bad[i] = exc
     return out, bad
-
-
-def blob_data_bytes(blob: str) -> int:
-    """Number of raw token data bytes in a valid blob (49,152 for fp16 64x384)."""
-    record = _unpack(blob, None)
-    _validated(record, None, None)
-    return len(record["data"]) + len(record.get("scales", b""))

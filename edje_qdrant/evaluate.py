@@ -36,7 +36,7 @@ from .metrics import RECALL_KS, recalls
 from .models import load_model
 from .models.base import EdjeModel
 from .retriever import Retriever
-from .rules import point_id
+from .schema import point_id
 from .store import open_store
 from .train.data import CaptionSet, caption_set, read_captions
 

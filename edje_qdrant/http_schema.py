@@ -1,4 +1,5 @@
-"""The HTTP API's request and response bodies (pydantic), generated from the rules in ``edje_qdrant.rules``.
+"""The HTTP API's request and response bodies (pydantic), generated from ``search_args`` (the limits) and
+``store.filters`` (the filter forms).
 
 The OpenAPI schema states every limit a request is checked against (query length, k, rerank_k, both filter
 forms), so a request the schema accepts is one the service accepts. The one rule JSON Schema cannot say,
@@ -13,7 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, StrictBool, 
 from pydantic_core import PydanticCustomError
 
 from edje_qdrant.errors import InputError
-from edje_qdrant.rules import NOT_BLANK_PATTERN, QueryLimits
+from edje_qdrant.search_args import NOT_BLANK_PATTERN, QueryLimits
 from edje_qdrant.store.filters import parse_when
 
 MAX_FILTER_ITEMS = 16  # values in a filter list / conditions in a filter clause (keeps bodies small)
@@ -158,7 +159,7 @@ def search_request_model(limits: QueryLimits) -> type[BaseModel]:
 
 
 def filter_data(value: BaseModel | None) -> dict[str, Any] | None:
-    """A validated filter as the JSON data ``rules.filter_from_json`` reads (None when empty)."""
+    """A validated filter as the JSON data ``store.filters.filter_from_json`` reads (None when empty)."""
     if value is None:
         return None
     data = value.model_dump(mode="json", exclude_none=True)

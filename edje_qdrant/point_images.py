@@ -20,8 +20,7 @@ from PIL import Image
 from edje_qdrant.errors import EdjeError, InputError, UnknownPointError
 from edje_qdrant.ingestion.decode import UnusableFile, decode_image, read_file
 from edje_qdrant.ingestion.ids import sha256_bytes
-from edje_qdrant.ingestion.sync import stored_locations
-from edje_qdrant.rules import METADATA_KEY, canonical_id, point_id
+from edje_qdrant.schema import METADATA_KEY, MIME_KEY, SOURCE_KEY, canonical_id, point_id, stored_locations
 
 __all__ = ["PointImages", "PointFile", "Thumbnail", "FileGone", "THUMBNAIL_SIZES"]
 
@@ -104,7 +103,7 @@ class PointImages:
     def _read(self, pid: str, metadata: dict[str, Any]) -> PointFile:
         reasons = []
         for location in stored_locations(metadata):
-            path = location["source"]
+            path = location[SOURCE_KEY]
             try:
                 st = os.stat(path)
                 file = read_file(path, self.max_file_bytes)
@@ -118,7 +117,7 @@ class PointImages:
             if point_id(sha256_bytes(file.data)) != pid:
                 reasons.append(f"{path}: the file changed since ingest (its content is no longer this point's)")
                 continue
-            mime = str(metadata.get("mime") or "")
+            mime = str(metadata.get(MIME_KEY) or "")
             return PointFile(pid, path, file.data, mime if mime.startswith("image/") else "application/octet-stream",
                              st.st_size, st.st_mtime_ns)
         detail = "; ".join(reasons) or "the point names no file"

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from edje_qdrant.errors import InputError
+from edje_qdrant.schema import METADATA_KEY, PAGE_CONTENT_KEY, SOURCE_KEY
 from edje_qdrant.scores import FIRST_STAGE_LEGEND, infer_fusion_weight, score_formula
 
 log = logging.getLogger(__name__)
@@ -38,15 +40,15 @@ _PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 
 
 def _fields(result: Any) -> dict[str, Any]:
     d = result.to_dict() if hasattr(result, "to_dict") else dict(result)
-    meta = d.get("metadata") or {}
-    path = d.get("path") or meta.get("source")
+    meta = d.get(METADATA_KEY) or {}
+    path = d.get("path") or meta.get(SOURCE_KEY)
     return {
         "id": str(d.get("id", "")),
         "path": str(path) if path else None,
         "score": _num(d.get("score")),
         "first": _num(d.get("first_stage_score")),
         "rerank": _num(d.get("rerank_score")),
-        "caption": str(d.get("page_content") or ""),
+        "caption": str(d.get(PAGE_CONTENT_KEY) or ""),
         "flags": [str(f) for f in d.get("flags") or []],
     }
 
@@ -98,7 +100,7 @@ def thumbnail(path: str | Path | None, size: int) -> Image.Image | None:
 
 def _register_heif() -> None:
     try:
-        from pillow_heif import register_heif_opener
+        from pillow_heif import register_heif_opener  # cost: HEIF decoders load only when a thumbnail is drawn
 
         register_heif_opener()
     except Exception:  # pillow-heif is a dependency, but a thumbnail is not worth failing for
@@ -273,8 +275,6 @@ def write_grid(query: str, results: Sequence[Any], path: str | Path, *, columns:
         name = Path(r["path"]).name if r["path"] else r["id"]
         colour = (176, 0, 0) if r["flags"] else _MUTED
         draw.text((x0, ty + 34), _fit(draw, name, small, thumb_px), fill=colour, font=small)
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()  # the legend and query as text chunks too (readable by tools, and by the tests)
     info.add_text("query", query)
     info.add_text("score-legend", legend)

@@ -13,8 +13,9 @@ import numpy as np
 from .codec import decode_batch, decode_tokens
 from .errors import InputError, ModelMismatchError, UnknownPointError
 from .microbatch import MicroBatcher
-from .rules import (METADATA_KEY, PAGE_CONTENT_KEY, RESULT_PAYLOAD_KEYS, SOURCE_KEY, TOKENS_KEY, canonical_id,
-                    check_counts, check_search_args)
+from .schema import (METADATA_KEY, PAGE_CONTENT_KEY, RESULT_PAYLOAD_KEYS, SOURCE_KEY, TOKENS_KEY, canonical_id,
+                     point_id)
+from .search_args import check_counts, check_search_args
 from .scores import fused_score
 from .store import Store, open_store
 from .store.base import CollectionSpec
@@ -74,7 +75,7 @@ class Retriever:
         if model is None:
             model = spec.model
         if isinstance(model, str):
-            from .models import load_model
+            from .models import load_model  # cost: torch, after the store and collection are checked
 
             self.model = load_model(model, device=device, parts=SEARCH_PARTS)
         else:
@@ -268,11 +269,10 @@ class Retriever:
 
 def _query_image(image: Any, vision: Any) -> tuple[Any, str | None]:
     """(RGB PIL image, point id of its bytes or None) for ``search_image``; decoded exactly as ingest does."""
-    from PIL import Image
+    from PIL import Image  # cost: Pillow and the decoders load only for a search by image
 
-    from .ingestion.decode import UnusableFile, decode_image, draft_size_for, read_file
-    from .ingestion.ids import sha256_bytes
-    from .rules import point_id
+    from .ingestion.decode import UnusableFile, decode_image, draft_size_for, read_file  # cost: as above
+    from .ingestion.ids import sha256_bytes  # cost: as above (the ingestion package loads its decoders)
 
     if isinstance(image, Image.Image):
         return (image if image.mode == "RGB" else image.convert("RGB")), None

@@ -10,7 +10,6 @@ image URLs returned with results are signed instead, so ``<img>`` tags load them
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -30,7 +29,8 @@ from edje_qdrant import __version__  # noqa: E402
 from edje_qdrant.errors import EdjeError, InputError, StoreError  # noqa: E402
 from edje_qdrant.http_schema import ErrorOut, SearchResponse, filter_data, search_request_model  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
-from edje_qdrant.rules import check_search_args, filter_from_json  # noqa: E402
+from edje_qdrant.search_args import check_search_args  # noqa: E402
+from edje_qdrant.store.filters import filter_from_json  # noqa: E402
 from edje_qdrant.service_auth import Access, check_key  # noqa: E402
 from edje_qdrant.service_images import IMAGE_SEARCH_PATH, add_image_routes  # noqa: E402
 from edje_qdrant.service_page import add_page_routes  # noqa: E402
@@ -210,7 +210,6 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} f
 def _add_search_route(app: FastAPI, holder: RetrieverHolder, metrics: Metrics, limits: ServiceLimits,
                       access: Access, results_out: ResultsOut) -> None:
     """POST /search: body checked by the schema built from ``limits``, then by the same rules as the library."""
-    wants_timings: dict[int, bool] = {}
 
     def search(body: BaseModel, request: Request) -> dict[str, Any]:
         """Top ``k`` images for ``query``: ANN over ``rerank_k`` candidates, re-ranked by the joint encoder."""
@@ -224,19 +223,17 @@ def _add_search_route(app: FastAPI, holder: RetrieverHolder, metrics: Metrics, l
         except InputError as exc:
             raise HTTPException(400, str(exc)) from None
         r = get_retriever(holder)
-        kwargs: dict[str, Any] = {}
-        if wants_timings.setdefault(id(r), "timings" in inspect.signature(r.search).parameters):
-            kwargs["timings"] = {}
+        timings: dict[str, float] = {}
         start = time.perf_counter()
         try:
-            results = r.search(body.query, k=body.k, rerank_k=body.rerank_k, filter=flt, **kwargs)
+            results = r.search(body.query, k=body.k, rerank_k=body.rerank_k, filter=flt, timings=timings)
         except InputError as exc:
             raise HTTPException(400, str(exc)) from None
         except StoreError as exc:
             log.warning("search failed: %s", exc)
             raise HTTPException(503, f"the vector store failed: {exc}") from None
         took = time.perf_counter() - start
-        stages = dict(kwargs.get("timings") or {})
+        stages = dict(timings)
         stages.setdefault("total", took)
         for stage, seconds in stages.items():
             metrics.observe(str(stage), float(seconds))

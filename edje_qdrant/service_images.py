@@ -11,7 +11,7 @@ import time
 from typing import Annotated, Any, Callable, Optional
 from urllib.parse import quote
 
-from fastapi import FastAPI, File, Form, HTTPException, Path, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import StringConstraints, WithJsonSchema
 
@@ -19,7 +19,8 @@ from edje_qdrant.errors import EdjeError, InputError, StoreError, UnknownPointEr
 from edje_qdrant.http_schema import MAX_FILTER_ITEMS, MAX_FILTER_TEXT, ErrorOut, ImageSearchResponse, When
 from edje_qdrant.ingestion.decode import UnusableFile
 from edje_qdrant.point_images import THUMBNAIL_SIZES, FileGone
-from edje_qdrant.rules import canonical_id, filter_from_json
+from edje_qdrant.schema import CAMERA_KEY, FOLDER_KEY, MIME_KEY, canonical_id
+from edje_qdrant.store.filters import FILTER_HELP, FILTER_KEYS, TAKEN_AFTER, TAKEN_BEFORE, filter_from_json
 from edje_qdrant.service_auth import MISSING_KEY, Access, check_key
 from edje_qdrant.service_state import ResultsOut, RetrieverHolder, ServiceLimits, get_retriever
 from edje_qdrant.uploads import check_upload
@@ -41,15 +42,7 @@ FilterTexts = Annotated[Optional[list[FilterText]], WithJsonSchema(
 FilterWhen = Annotated[Optional[When], WithJsonSchema(
     {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]})]
 PointIdPath = Annotated[str, Path(max_length=64, description="a point id (UUID) of this collection")]
-_FILTER_DOCS = {
-    "folder": "metadata.folder (repeat for any of)",
-    "camera": "metadata.camera / camera_model / camera_make (repeat for any of)",
-    "mime": "metadata.mime, e.g. image/jpeg (repeat for any of)",
-    "taken_after": "metadata.taken_at >= this ISO date or datetime",
-    "taken_before": "metadata.taken_at < this ISO date or datetime",
-}
-
-
+_K_DOC = "results to return"
 def add_image_routes(app: FastAPI, holder: RetrieverHolder, observe: Callable[[str, float], None],
                      limits: ServiceLimits, access: Access, results_out: ResultsOut) -> None:
     """GET /points/{id}/thumbnail, /points/{id}/image, /points/{id}/similar and POST /search/image."""
@@ -96,27 +89,18 @@ def _add_file_routes(app: FastAPI, holder: RetrieverHolder, access: Access) -> N
 
 def _add_similar_routes(app: FastAPI, holder: RetrieverHolder, observe: Callable[[str, float], None],
                         limits: ServiceLimits, access: Access, results_out: ResultsOut) -> None:
-    k_default = min(10, limits.max_k)
-    k_doc = "results to return"
     responses: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 404, 413, 415,
                                                                                         422, 503)}
+    Count = Annotated[int, Query(ge=1, le=limits.max_k, description=_K_DOC)]
 
     @app.get("/points/{point_id}/similar", response_model=ImageSearchResponse, responses=responses,
              summary="More like this point")
-    def similar(
-        point_id: PointIdPath,
-        request: Request,
-        k: Annotated[int, Query(ge=1, le=limits.max_k, description=k_doc)] = k_default,
-        folder: Annotated[FilterTexts, Query(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["folder"])] = None,
-        camera: Annotated[FilterTexts, Query(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["camera"])] = None,
-        mime: Annotated[FilterTexts, Query(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["mime"])] = None,
-        taken_after: Annotated[FilterWhen, Query(description=_FILTER_DOCS["taken_after"])] = None,
-        taken_before: Annotated[FilterWhen, Query(description=_FILTER_DOCS["taken_before"])] = None,
-    ) -> dict[str, Any]:
+    def similar(point_id: PointIdPath, request: Request, raw_filter: Annotated[dict, Depends(_filter_fields(Query))],
+                k: Count = min(10, limits.max_k)) -> dict[str, Any]:
         """"More like this": the points nearest to a stored point's global vector (first stage only, so
         rerank_score is null; the point itself is left out). Filters as in /search's small form."""
         check_key(request, access)
-        flt = _small_filter(folder, camera, mime, taken_after, taken_before)
+        flt = _small_filter(raw_filter)
         r = get_retriever(holder)
         start = time.perf_counter()
         try:
@@ -129,23 +113,25 @@ def _add_similar_routes(app: FastAPI, holder: RetrieverHolder, observe: Callable
             raise HTTPException(503, f"the vector store failed: {exc}") from None
         return _response(results, request, r.collection, k, canonical_id(point_id), start, observe, results_out)
 
+    _add_upload_route(app, holder, observe, limits, access, results_out, responses)
+
+
+def _add_upload_route(app: FastAPI, holder: RetrieverHolder, observe: Callable[[str, float], None],
+                      limits: ServiceLimits, access: Access, results_out: ResultsOut,
+                      responses: dict[int | str, dict[str, Any]]) -> None:
+    image_doc = (f"the photo to search by (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF, AVIF; at most "
+                 f"{limits.max_upload_bytes} bytes)")
+
     @app.post(IMAGE_SEARCH_PATH, response_model=ImageSearchResponse, responses=responses,
               summary="Search by an uploaded photo")
-    def search_image(
-        request: Request,
-        image: Annotated[UploadFile, File(description="the photo to search by (JPEG, PNG, WebP, GIF, BMP, TIFF, "
-                                                      f"HEIC/HEIF, AVIF; at most {limits.max_upload_bytes} bytes)")],
-        k: Annotated[int, Form(ge=1, le=limits.max_k, description=k_doc)] = k_default,
-        folder: Annotated[FilterTexts, Form(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["folder"])] = None,
-        camera: Annotated[FilterTexts, Form(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["camera"])] = None,
-        mime: Annotated[FilterTexts, Form(max_length=MAX_FILTER_ITEMS, description=_FILTER_DOCS["mime"])] = None,
-        taken_after: Annotated[FilterWhen, Form(description=_FILTER_DOCS["taken_after"])] = None,
-        taken_before: Annotated[FilterWhen, Form(description=_FILTER_DOCS["taken_before"])] = None,
-    ) -> dict[str, Any]:
+    def search_image(request: Request, image: Annotated[UploadFile, File(description=image_doc)],
+                     raw_filter: Annotated[dict, Depends(_filter_fields(Form))],
+                     k: Annotated[int, Form(ge=1, le=limits.max_k, description=_K_DOC)] = min(10, limits.max_k)
+                     ) -> dict[str, Any]:
         """Search by an uploaded photo: the stored images nearest to it on the global vector (first stage only;
         the photo itself is left out when it is in the collection). Same formats and pixel cap as ingest."""
         check_key(request, access)
-        flt = _small_filter(folder, camera, mime, taken_after, taken_before)
+        flt = _small_filter(raw_filter)
         data = image.file.read(limits.max_upload_bytes + 1)
         try:
             check_upload(data, limits.max_upload_bytes)
@@ -163,9 +149,22 @@ def _add_similar_routes(app: FastAPI, holder: RetrieverHolder, observe: Callable
         return _response(results, request, r.collection, k, None, start, observe, results_out)
 
 
-def _small_filter(folder: Any, camera: Any, mime: Any, taken_after: Any, taken_before: Any) -> Any:
+def _filter_fields(field: Any) -> Callable[..., dict[str, Any]]:
+    """A dependency that reads the small filter form's fields from the query (``field=Query``) or the form
+    (``Form``) as given; the route checks them (``_small_filter``) after the API key."""
+    texts = {key: Annotated[FilterTexts, field(max_length=MAX_FILTER_ITEMS, description=FILTER_HELP[key])]
+             for key in (FOLDER_KEY, CAMERA_KEY, MIME_KEY)}
+    dates = {key: Annotated[FilterWhen, field(description=FILTER_HELP[key])] for key in (TAKEN_AFTER, TAKEN_BEFORE)}
+
+    def fields(folder: texts[FOLDER_KEY] = None, camera: texts[CAMERA_KEY] = None, mime: texts[MIME_KEY] = None,
+               taken_after: dates[TAKEN_AFTER] = None, taken_before: dates[TAKEN_BEFORE] = None) -> dict[str, Any]:
+        return dict(zip(FILTER_KEYS, (folder, taken_after, taken_before, camera, mime)))
+
+    return fields
+
+
+def _small_filter(raw: dict[str, Any]) -> Any:
     """The small filter form from query or form fields (a repeated field means any of; absent fields: no filter)."""
-    raw = {"folder": folder, "camera": camera, "mime": mime, "taken_after": taken_after, "taken_before": taken_before}
     data = {key: (value[0] if isinstance(value, list) and len(value) == 1 else value)
             for key, value in raw.items() if value not in (None, [])}
     try:

@@ -12,7 +12,7 @@ from fastapi import HTTPException, Request
 from edje_qdrant.errors import EdjeError
 from edje_qdrant.point_images import PointImages
 from edje_qdrant.retriever import Retriever, SearchResult
-from edje_qdrant.rules import QueryLimits
+from edje_qdrant.search_args import QueryLimits
 from edje_qdrant.service_auth import Access
 
 __all__ = ["ServiceLimits", "RetrieverHolder", "ResultsOut", "get_retriever"]
@@ -59,8 +59,9 @@ class RetrieverHolder:
             return self._images
 
     def close(self) -> None:
+        """Close a retriever this holder built (one given to it belongs to the caller)."""
         if not self._given and self._retriever is not None:
-            self._retriever.store.close()
+            self._retriever.close()
 
 
 class ResultsOut:

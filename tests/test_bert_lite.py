@@ -28,9 +28,7 @@ def test_fast_tokenizer_matches_autotokenizer():
 @pytest.mark.parametrize("layers", [None, 5, 1])
 def test_lite_bert_matches_transformers_bert(layers):
     from edje_qdrant.models import minilm
-    from edje_qdrant.models.split_reranker import _lower_layers
-
-    ref = minilm.load_bert() if layers is None else _lower_layers(minilm.load_bert(), layers)
+    ref = minilm.load_bert() if layers is None else minilm.lower_layers(minilm.load_bert(), layers)
     lite = minilm.load_lite_bert(layers)
     ref_sd, lite_sd = ref.state_dict(), lite.state_dict()
     assert list(ref_sd) == list(lite_sd)  # same keys in the same order: same fingerprint

@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 
+import msgpack
+import pybase64
 import pytest
 from click.testing import CliRunner
 
 from edje_qdrant.cli.main import main
-from edje_qdrant.codec import blob_data_bytes
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 
 
 def _cli(*args: str, env: dict[str, str] | None = None):
@@ -36,6 +37,21 @@ def test_second_ingest_adds_nothing(ingested, demo_folder):
     res = _cli("ingest", str(demo_folder), "--store", str(store), "--model", "tiny-random")
     assert res.exit_code == 0, res.output
     assert "ingested 0, skipped-existing 12, duplicates 0, failed 0, removed 0, moved 0 in " in res.output
+
+
+def test_decode_threads_and_the_ray_only_options(tmp_path, demo_folder):
+    """--decode-threads counts decode threads (here, or in each Ray worker); the Ray-only options need --ray; the
+    old --workers, which meant decode threads here and Ray workers with --ray, is gone."""
+    store = str(tmp_path / "store")
+    res = _cli("ingest", str(demo_folder), "--store", store, "--model", "tiny-random", "--decode-threads", "1",
+               "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["ingested"] == 12
+    for option in ("--ray-workers", "--gpus-per-worker"):
+        res = CliRunner().invoke(main, ["ingest", str(demo_folder), "--store", store, option, "2"])
+        assert res.exit_code == 1 and f"{option} applies to Ray workers: add --ray" in res.output
+    res = CliRunner().invoke(main, ["ingest", str(demo_folder), "--store", store, "--workers", "2"])
+    assert res.exit_code == 2 and "No such option '--workers'" in res.output
 
 
 def test_search_json_has_both_scores(ingested):
@@ -73,7 +89,8 @@ def test_info_json_and_blob_size(ingested):
         hit = s.query("images", [1.0] + [0.0] * (info["dim"] - 1), 1, [TOKENS_KEY])[0]
     finally:
         s.close()
-    assert blob_data_bytes(hit.payload[TOKENS_KEY]) == 49_152
+    record = msgpack.unpackb(pybase64.b64decode(hit.payload[TOKENS_KEY]))
+    assert len(record["data"]) == 49_152  # fp16 64 x 384
 
 
 def test_reopen_in_a_new_process_and_search(ingested):

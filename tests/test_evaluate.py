@@ -130,7 +130,7 @@ def test_reranked_is_exactly_what_search_returns(captions_file, tiny_model, tmp_
     """reranked[k] (t2i) ranks the positive where ``Retriever.search(caption, k=k, rerank_k=k)`` puts it, with a
     non-zero model fusion_weight so that the default score differs from the logit alone."""
     from edje_qdrant.ingestion.ids import sha256_file
-    from edje_qdrant.rules import point_id
+    from edje_qdrant.schema import point_id
     from edje_qdrant.retriever import Retriever
     from edje_qdrant.store import open_store
     from edje_qdrant.train.data import caption_set, read_captions

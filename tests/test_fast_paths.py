@@ -8,7 +8,7 @@ import torch
 from edje_qdrant.errors import InputError
 from edje_qdrant.models import load_model
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.models.reranker import quantize_int8, trim_padding
+from edje_qdrant.models.full_joint import trim_padding
 
 QUERY = "a black dog runs across the green grass"
 ATOL = 1e-5
@@ -114,14 +114,14 @@ def test_int8_within_tolerance_and_original_untouched(model, tokens):
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert np.abs(got - ref).max() <= 0.5 * ref.std()
     assert np.corrcoef(got, ref)[0, 1] >= 0.98
-    assert m._joint_encoder() is m._joint_encoder()  # quantized once, then reused
+    assert m.joint_encoder() is m.joint_encoder()  # quantized once, then reused
     after = model.reranker.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     np.testing.assert_allclose(ref_model.rerank(QUERY, tokens), ref, atol=ATOL)
 
 
 def test_quantize_int8_quantizes_only_the_encoder(model):
-    q = quantize_int8(model.reranker)
+    q = model.reranker.quantize()
     kinds = {type(mod).__module__ for mod in q.bert.encoder.modules() if "Linear" in type(mod).__name__}
     assert kinds and all("quantized" in k for k in kinds)
     assert type(q.head[1]) is torch.nn.Linear  # the head stays float32
@@ -133,7 +133,7 @@ def test_int8_refuses_a_gpu_device(model, tokens):
                   clip_dim=model.clip_dim, fingerprint=model.fingerprint, device=torch.device("cuda"),
                   precision="int8")
     with pytest.raises(InputError, match="int8 runs on the CPU only"):
-        m._joint_encoder()
+        m.joint_encoder()
 
 
 def test_payload_fetched_for_top_k_only_matches_the_one_call_path(tmp_path, demo_folder, tiny_model):
@@ -165,12 +165,10 @@ def test_canonical_blob_fast_decode_equals_the_msgpack_path(dtype, out_dtype):
     x = rng.standard_normal((16, 24)).astype(np.float32)
     blob = codec.encode_tokens(x, dtype)
     fast = np.empty((16, 24), out_dtype)
-    assert codec._fill_canonical(blob, fast)
-    record = codec._unpack(blob, None)
-    slow = np.empty((16, 24), out_dtype)
-    codec._fill(record, *codec._validated(record, None, (16, 24)), slow)
+    assert codec.decode_canonical_into(blob, fast)
+    slow = codec.decode_tokens(blob, expected_shape=(16, 24)).astype(out_dtype)  # the msgpack path
     assert np.array_equal(fast, slow)
-    assert not codec._fill_canonical(blob, np.empty((16, 25), out_dtype))  # other shape: the full path decides
+    assert not codec.decode_canonical_into(blob, np.empty((16, 25), out_dtype))  # other shape: the full path decides
 
 
 def test_non_canonical_records_still_decode_through_msgpack():
@@ -184,7 +182,7 @@ def test_non_canonical_records_still_decode_through_msgpack():
     record = {"data": x.astype("<f2").tobytes(), "shape": [3, 4], "dtype": "fp16", "v": 1}
     blob = pybase64.b64encode(msgpack.packb(record, use_bin_type=True)).decode()
     out = np.empty((3, 4), np.float32)
-    assert not codec._fill_canonical(blob, out)
+    assert not codec.decode_canonical_into(blob, out)
     codec.decode_into(blob, out)
     assert np.array_equal(out, x)
     truncated = codec.encode_tokens(x)[:-8]

@@ -33,7 +33,7 @@ import pytest
 
 import imagegen as g
 from edje_qdrant.errors import StoreLockedError
-from edje_qdrant.rules import point_id
+from edje_qdrant.schema import point_id
 from edje_qdrant.store import EdgeStore
 
 TESTS = Path(__file__).resolve().parent
@@ -133,7 +133,7 @@ def test_kill_and_resume_through_the_cli(tmp_path, record_property):
     expected = build_folder(root)
     assert len(expected) == 22
     base = ["ingest", str(root), "--store", str(store), "--model", "tiny-random", "--batch-size", "4",
-            "--workers", "2", "--json"]
+            "--decode-threads", "2", "--json"]
     counts: dict[str, dict[str, int]] = {}
     last = 0
 

@@ -14,7 +14,7 @@ from edje_qdrant.errors import InputError
 from edje_qdrant.ingestion import ingest
 from edje_qdrant.models import load_model
 from edje_qdrant.models.official import save_compact
-from edje_qdrant.rules import check_search_args
+from edje_qdrant.search_args import check_search_args
 from edje_qdrant.store import EdgeStore, open_store
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from edje_qdrant.codec import MAX_BLOB_CHARS, decode_batch, decode_tokens, encode_tokens
 
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 from edje_qdrant.errors import CodecError
 from edje_qdrant.ingestion import ingest
 from edje_qdrant.retriever import Retriever

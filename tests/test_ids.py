@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from edje_qdrant.ingestion.ids import sha256_bytes, sha256_file
-from edje_qdrant.rules import POINT_NAMESPACE, point_id
+from edje_qdrant.schema import POINT_NAMESPACE, point_id
 
 
 def test_point_id_is_uuid5_of_sha256_in_fixed_namespace():

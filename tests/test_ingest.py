@@ -12,7 +12,7 @@ import pytest
 
 import imagegen as g
 from edje_qdrant.codec import decode_tokens
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 from edje_qdrant.errors import InputError, ModelMismatchError
 from edje_qdrant.ingestion import IngestReport, ingest, point_id
 from edje_qdrant.ingestion.decode import decode_image
@@ -236,7 +236,7 @@ def test_a_ctrl_c_during_a_batch_write_is_raised_after_the_batch_is_counted():
     import signal
     import time
 
-    from edje_qdrant.ingestion.pipeline import interrupt_after
+    from edje_qdrant.ingestion.run import interrupt_after
 
     steps = []
     with pytest.raises(KeyboardInterrupt):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import imagegen as g
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 from edje_qdrant.errors import InputError
 from edje_qdrant.ingestion import ingest, point_id
 from edje_qdrant.ingestion.sync import Unreadable, relocate, under

@@ -11,16 +11,16 @@ from safetensors.torch import save_file
 from edje_qdrant.errors import CheckpointKeyError, ModelError
 from edje_qdrant.models.official import (convert_official, load_official_reranker, read_state_dict,
                                          reranker_to_official_state)
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.full_joint import FullJointReranker, FullJointConfig
 
 CFG = {"vision": {"num_attention_heads": 2, "layer_norm_eps": 1e-6}, "bert": {"num_attention_heads": 4}}
 
 
-def source_model(mlm: bool = False) -> EdjeReranker:
+def source_model(mlm: bool = False) -> FullJointReranker:
     torch.manual_seed(0)
-    cfg = RerankerConfig(vision_width=16, vision_heads=2, num_tokens=4, adapter_hidden=32, hidden_size=32,
-                         num_layers=2, num_heads=4, intermediate_size=64, mlm_head=mlm)
-    model = EdjeReranker(cfg)
+    cfg = FullJointConfig(vision_width=16, vision_heads=2, num_tokens=4, adapter_hidden=32, hidden_size=32,
+                          num_layers=2, num_heads=4, intermediate_size=64, mlm_head=mlm)
+    model = FullJointReranker(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -44,7 +44,7 @@ def logits(model, seed=1):
         return model.score(["a dog", "two cats on a sofa", ""], model.compress(x))
 
 
-def same_weights(a: EdjeReranker, b: EdjeReranker) -> bool:
+def same_weights(a: FullJointReranker, b: FullJointReranker) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("mlm."))
 

@@ -5,18 +5,18 @@ import pytest
 import torch
 
 from edje_qdrant.errors import InputError
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.full_joint import FullJointReranker, FullJointConfig
 from edje_qdrant.models.tokenization import PairTokenizer
 
 CLS, SEP, PAD, IMG = 101, 102, 0, 30522
 LONG = " ".join(f"word{i % 7}" if i % 3 else "dog" for i in range(120))  # far more than 61 wordpieces
 
 
-def small_reranker(m: int = 4, seed: int = 0) -> EdjeReranker:
+def small_reranker(m: int = 4, seed: int = 0) -> FullJointReranker:
     torch.manual_seed(seed)
-    cfg = RerankerConfig(vision_width=16, vision_heads=2, num_tokens=m, adapter_hidden=32, hidden_size=32,
-                         num_layers=2, num_heads=4, intermediate_size=64)
-    model = EdjeReranker(cfg)
+    cfg = FullJointConfig(vision_width=16, vision_heads=2, num_tokens=m, adapter_hidden=32, hidden_size=32,
+                          num_layers=2, num_heads=4, intermediate_size=64)
+    model = FullJointReranker(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -24,7 +24,7 @@ def small_reranker(m: int = 4, seed: int = 0) -> EdjeReranker:
 
 
 @pytest.fixture(scope="module")
-def reranker() -> EdjeReranker:
+def reranker() -> FullJointReranker:
     return small_reranker()
 
 
@@ -73,14 +73,14 @@ def test_literal_image_text_is_escaped_not_a_crash(reranker):
     assert tok.tokenize("a <image> b")[1:6] == ["a", "<", "image", ">", "b"]
     assert tok.encode("a <image> b").input_ids.tolist() == tok.encode("a <IMAGE> b").input_ids.tolist()
     assert int((tok.encode("<image><image>").input_ids == IMG).sum()) == reranker.num_tokens
-    tokens = torch.randn(3, reranker.num_tokens, reranker.hidden_size)
+    tokens = torch.randn(3, reranker.num_tokens, reranker.token_dim)
     with torch.inference_mode():
         logits = reranker.score(["a <image> b", "<image>" * 9, "plain"], tokens)
     assert torch.isfinite(logits).all() and logits.shape == (3,)
 
 
 def test_image_positions_replaced_in_order(reranker):
-    m, d = reranker.num_tokens, reranker.hidden_size
+    m, d = reranker.num_tokens, reranker.token_dim
     enc = reranker.tokenizer.encode(["short", "a much longer caption here"])
     tokens = torch.randn(2, m, d)
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_image_positions_replaced_in_order(reranker):
 
 
 def test_bert_adds_positions_over_the_whole_sequence_and_token_types(reranker):
-    m, d = reranker.num_tokens, reranker.hidden_size
+    m, d = reranker.num_tokens, reranker.token_dim
     enc = reranker.tokenizer.encode("a cat")
     tokens = torch.randn(1, m, d)
     seen = {}
@@ -112,7 +112,7 @@ def test_bert_adds_positions_over_the_whole_sequence_and_token_types(reranker):
 
 
 def test_broadcast_query_equals_per_caption_path(reranker):
-    m, d = reranker.num_tokens, reranker.hidden_size
+    m, d = reranker.num_tokens, reranker.token_dim
     tokens = torch.randn(6, m, d)
     q = "a red ball on green grass"
     with torch.inference_mode():
@@ -126,7 +126,7 @@ def test_broadcast_query_equals_per_caption_path(reranker):
 
 
 def test_padding_does_not_change_scores(reranker):
-    m, d = reranker.num_tokens, reranker.hidden_size
+    m, d = reranker.num_tokens, reranker.token_dim
     tokens = torch.randn(3, m, d)
     caps = ["x", "a longer caption with many words in it", LONG]
     with torch.inference_mode():
@@ -136,7 +136,7 @@ def test_padding_does_not_change_scores(reranker):
 
 
 def test_head_stays_float32_under_bf16_autocast(reranker):
-    m, d = reranker.num_tokens, reranker.hidden_size
+    m, d = reranker.num_tokens, reranker.token_dim
     tokens = torch.randn(4, m, d)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = reranker.score("query", tokens)
@@ -144,7 +144,7 @@ def test_head_stays_float32_under_bf16_autocast(reranker):
 
 
 def test_bad_inputs_raise_input_error(reranker):
-    m, d = reranker.num_tokens, reranker.hidden_size
+    m, d = reranker.num_tokens, reranker.token_dim
     with pytest.raises(InputError, match="2 captions for 3"):
         reranker.score(["a", "b"], torch.randn(3, m, d))
     with pytest.raises(InputError, match=r"image tokens must be"):
@@ -153,7 +153,7 @@ def test_bad_inputs_raise_input_error(reranker):
 
 
 def test_forward_trims_fixed_length_padding(reranker):
-    m, d = reranker.num_tokens, reranker.hidden_size
+    m, d = reranker.num_tokens, reranker.token_dim
     enc = reranker.tokenizer.encode(["a dog", "a cat on a mat"])
     extra = 20
     pad = lambda t: torch.cat([t, torch.zeros(t.shape[0], extra, dtype=t.dtype)], dim=1)  # noqa: E731

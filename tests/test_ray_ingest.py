@@ -21,7 +21,7 @@ import pytest
 
 import imagegen as g
 from edje_qdrant.codec import decode_tokens
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 from edje_qdrant.errors import InputError
 from edje_qdrant.ingestion import ingest, point_id
 from edje_qdrant.store import open_store
@@ -187,13 +187,22 @@ def test_killed_worker_then_rerun_stores_every_image_once(ray_cluster, tmp_path,
     store.close()
 
 
+def test_cli_ray_options_name_the_workers_and_their_gpus():
+    from edje_qdrant.cli.scale import ray_options
+
+    opts = ray_options({"ray_address": "auto", "ray_workers": 3, "gpus_per_worker": 0.5})
+    assert (opts.address, opts.workers, opts.gpus_per_worker) == ("auto", 3, 0.5)
+    assert ray_options({"ray_address": "local", "ray_workers": None, "gpus_per_worker": 0.0}).workers == 1
+    assert ray_options({"ray_address": None, "ray_workers": None, "gpus_per_worker": 0.0}) is None
+
+
 def test_killed_driver_then_rerun_stores_every_image_once(ray_cluster, tmp_path, tiny_model):
     """The CLI joins this module's Ray instance; SIGKILL it once points are stored, then re-run."""
     paths = _many_images(tmp_path / "imgs", 40)
     store_dir = tmp_path / "edge"
     cmd = [sys.executable, "-m", "edje_qdrant.cli.main", "ingest", str(tmp_path / "imgs"), "--store", str(store_dir),
-           "--model", "tiny-random", "--device", "cpu", "--ray", ray_cluster, "--workers", "1", "--batch-size", "2",
-           "--progress"]  # the bar on the piped stderr tells when points are stored
+           "--model", "tiny-random", "--device", "cpu", "--ray", ray_cluster, "--ray-workers", "1",
+           "--batch-size", "2", "--progress"]  # the bar on the piped stderr tells when points are stored
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     os.set_blocking(proc.stderr.fileno(), False)
     seen, deadline = b"", time.monotonic() + 120
@@ -352,7 +361,8 @@ def test_the_default_preset_on_ray_stores_what_the_single_process_path_stores(ra
     finally:
         local.close()
     cmd = [sys.executable, "-m", "edje_qdrant.cli.main", "ingest", str(folder), "--store", str(tmp_path / "ray"),
-           "--device", "cpu", "--ray", ray_cluster, "--workers", "2", "--batch-size", "2", "--json"]
+           "--device", "cpu", "--ray", ray_cluster, "--ray-workers", "2", "--decode-threads", "1", "--batch-size", "2",
+           "--json"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ingested"] == len(photos)

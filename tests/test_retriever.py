@@ -8,7 +8,7 @@ import pytest
 
 from edje_qdrant.codec import decode_tokens
 
-from edje_qdrant.rules import TOKENS_KEY
+from edje_qdrant.schema import TOKENS_KEY
 from edje_qdrant.errors import InputError, ModelMismatchError, StoreError
 from edje_qdrant.ingestion import ingest
 from edje_qdrant.retriever import Retriever

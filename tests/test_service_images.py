@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 import imagegen as g  # noqa: E402
 from edje_qdrant.ingestion import ingest  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
-from edje_qdrant.rules import point_id, point_payload  # noqa: E402
+from edje_qdrant.schema import point_id, point_payload  # noqa: E402
 from edje_qdrant.service import ServiceLimits, create_app  # noqa: E402
 from edje_qdrant.service_auth import Access  # noqa: E402
 from edje_qdrant.store import open_store  # noqa: E402

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from edje_qdrant.ingestion import ingest  # noqa: E402
 from edje_qdrant.retriever import Retriever  # noqa: E402
-from edje_qdrant.rules import FILTER_KEYS  # noqa: E402
+from edje_qdrant.store.filters import FILTER_KEYS  # noqa: E402
 from edje_qdrant.service import ServiceLimits, create_app  # noqa: E402
 from edje_qdrant.store import open_store  # noqa: E402
 

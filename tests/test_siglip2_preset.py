@@ -11,7 +11,7 @@ from PIL import Image
 from edje_qdrant.errors import ModelError
 from edje_qdrant.models import load_model
 from edje_qdrant.models.official import reranker_to_official_state, save_compact
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.full_joint import FullJointReranker, FullJointConfig
 
 SIGLIP = {
     "text_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
@@ -22,17 +22,17 @@ SIGLIP = {
 NAME = "siglip2-l16-384-edje"
 
 
-def small_reranker() -> EdjeReranker:
+def small_reranker() -> FullJointReranker:
     torch.manual_seed(0)
-    r = EdjeReranker(RerankerConfig(vision_width=32, vision_heads=2, num_tokens=4, adapter_hidden=64,
-                                    hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64))
+    r = FullJointReranker(FullJointConfig(vision_width=32, vision_heads=2, num_tokens=4, adapter_hidden=64,
+                                          hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64))
     with torch.no_grad():
         for p in r.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return r.eval()
 
 
-def check_model(model, r: EdjeReranker):
+def check_model(model, r: FullJointReranker):
     images = [Image.new("RGB", (50, 40), (255, 0, 0)), Image.new("RGB", (20, 70), (0, 0, 255))]
     pixels = np.stack([model.vision.preprocess(im) for im in images])
     assert pixels.shape == (2, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1

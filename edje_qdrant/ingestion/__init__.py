@@ -1,9 +1,10 @@
 """Ingest: folder of images -> points (global vector + compressed tokens) in a store. See ``pipeline``."""
 from __future__ import annotations
 
+from ..schema import POINT_NAMESPACE, point_id
 from .decode import DEFAULT_MAX_PIXELS, UnusableFile
-from ..rules import POINT_NAMESPACE, point_id
-from .pipeline import DEFAULT_FILE_TIMEOUT, IngestReport, ingest
+from .pipeline import ingest
+from .steps import DEFAULT_FILE_TIMEOUT, IngestReport
 from .walk import IMAGE_EXTENSIONS
 
 __all__ = [

@@ -81,7 +81,7 @@ def register_plugins() -> None:
         if _plugins_done:
             return
         try:
-            import pillow_heif
+            import pillow_heif  # cost: HEIF decoders load once, when ingest registers the plugins
 
             pillow_heif.register_heif_opener()
             if not features.check("avif") and hasattr(pillow_heif, "register_avif_opener"):

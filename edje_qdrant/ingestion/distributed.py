@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,31 +27,24 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from ..codec import encode_tokens
 from .. import errors
-from ..errors import CodecError, InputError, ModelMismatchError, install_hint
-from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
-from ..store.base import CollectionSpec, PointRecord
+from ..errors import InputError, ModelMismatchError, install_hint
+from ..schema import LOCATIONS_KEY, METADATA_KEY, point_id
+from ..store.base import CollectionSpec, PointRecord, collection_spec
 from .decode import DEFAULT_MAX_PIXELS, UnusableFile, register_plugins
-from .pipeline import (
-    DEFAULT_FILE_TIMEOUT,
-    RunBase,
-    IngestReport,
-    _ErrorLog,
-    _guarded,
-    _hash_item,
-    _prepare,
-    _Prepared,
-    _settings,
-    _Settings,
-)
 from .pool import HASH_PRIORITY, TaskPool
-from .walk import WalkError, WalkItem, display_path, walk_images
+from .run import IngestRun
+from .steps import (DEFAULT_FILE_TIMEOUT, ErrorLog, IngestReport, IngestSettings, Prepared, guarded, hash_item,
+                    point_of, prepare, settings_for, walked_location)
+from .walk import WalkError, WalkItem, walk_images
 
 log = logging.getLogger(__name__)
 
 _CHECK_CHUNK = 1024  # ids per store.existing_ids call
 _HASH_BATCH = 64  # files per hashing task
+# the columns of the Ray datasets of walked files
+PATH_COLUMN = "path"  # the file's path, as bytes (os.fsencode)
+FOLDER_COLUMN = "folder"  # its folder under the ingested root (becomes metadata.folder)
 
 
 class RayUnavailableError(InputError):
@@ -93,8 +85,8 @@ class RayOptions:
 def import_ray() -> Any:
     """The ``ray`` module with Ray Data, or RayUnavailableError with the install command."""
     try:
-        import ray
-        import ray.data  # noqa: F401  (the extra installs ray[data]; plain `ray` lacks pyarrow/pandas)
+        import ray  # cost: Ray is an optional extra (seconds to import)
+        import ray.data  # noqa: F401  cost: as above (the extra installs ray[data]; plain `ray` lacks pyarrow/pandas)
     except ImportError as exc:
         raise RayUnavailableError(f"distributed ingest needs Ray (Ray Data), which is not installed ({exc}); "
                                   f"install it with: {install_hint('ray')}") from None
@@ -115,17 +107,17 @@ def ingest_on_ray(folder: str | os.PathLike[str], store: Any, model: Any, collec
         raise InputError("ingest on Ray rebuilds the model in each worker from its preset name or model folder; this "
                          "model has none (built by hand?): pass the name or folder, or a model from load_model()")
     threads = workers if workers is not None else opts.decode_threads
-    settings = _settings(folder, model, collection, dtype, batch_size, threads, max_pixels, file_timeout)
+    settings = settings_for(folder, model, collection, dtype, batch_size, threads, max_pixels, file_timeout)
     spec = collection_spec(model, dtype)
     connection = _worker_connection(store, opts)
     report = IngestReport()
-    errors = _ErrorLog(errors_file, report)
+    errors = ErrorLog(errors_file, report)
     started_ray = False
     try:
         store.open_collection(collection, spec)  # refuses a mismatched model before anything is written
         started_ray = _connect(ray, opts)
-        return _RayRun(ray, settings, spec, store, model, report, errors, opts, connection, progress,
-                       prune).execute()
+        return RayRun(ray, settings, spec, store, model, report, errors, opts, connection, progress,
+                      prune).execute()
     finally:
         errors.close()
         if started_ray:
@@ -172,11 +164,16 @@ def _pool(name: str, threads: int) -> TaskPool:
     return _pools[name]
 
 
+def _walk_items(batch: dict[str, np.ndarray]) -> list[WalkItem]:
+    """The walked files of a batch of rows (path bytes, folder)."""
+    return [WalkItem(Path(os.fsdecode(bytes(p))), str(f)) for p, f in zip(batch[PATH_COLUMN], batch[FOLDER_COLUMN])]
+
+
 def _hash_batch(batch: dict[str, np.ndarray], file_timeout: float) -> dict[str, np.ndarray]:
     """Ray task: sha256 of each file, or why it cannot be read."""
     pool = _pool("hash", 2)
-    items = [WalkItem(Path(os.fsdecode(bytes(p))), str(f)) for p, f in zip(batch["path"], batch["folder"])]
-    tasks = [pool.submit(_guarded, _hash_item, it, priority=HASH_PRIORITY) for it in items]
+    items = _walk_items(batch)
+    tasks = [pool.submit(guarded, hash_item, it, priority=HASH_PRIORITY) for it in items]
     sha, reason, kind, etype = [], [], [], []
     for task in tasks:
         try:
@@ -184,7 +181,7 @@ def _hash_batch(batch: dict[str, np.ndarray], file_timeout: float) -> dict[str, 
             reason.append(""), kind.append(""), etype.append("")
         except UnusableFile as exc:
             sha.append(""), reason.append(exc.reason), kind.append(exc.kind), etype.append(exc.error_type)
-    return {"path": batch["path"], "folder": batch["folder"], "sha": np.array(sha, dtype=object),
+    return {PATH_COLUMN: batch[PATH_COLUMN], FOLDER_COLUMN: batch[FOLDER_COLUMN], "sha": np.array(sha, dtype=object),
             "reason": np.array(reason, dtype=object), "kind": np.array(kind, dtype=object),
             "error_type": np.array(etype, dtype=object)}
 
@@ -192,7 +189,7 @@ def _hash_batch(batch: dict[str, np.ndarray], file_timeout: float) -> dict[str, 
 def worker_model(source: str, fingerprint: str, precision: str, device: str) -> Any:
     """The model a worker embeds with, built here from what names it; ModelMismatchError when it is not the
     driver's model (another version of the folder or the wheels on this node would store other vectors)."""
-    from ..models import load_model  # torch: only in processes that embed
+    from ..models import load_model  # cost: torch, only in processes that embed
 
     model = load_model(source, device=device, precision=precision, parts=("vision", "reranker"))
     if model.fingerprint != fingerprint:
@@ -205,61 +202,61 @@ def worker_model(source: str, fingerprint: str, precision: str, device: str) -> 
 class EmbedWorker:
     """Ray actor: file -> decoded pixels -> vision tower + adapter -> point; writes it or returns it."""
 
-    def __init__(self, model_source: str, fingerprint: str, precision: str, settings: _Settings,
+    def __init__(self, model_source: str, fingerprint: str, precision: str, settings: IngestSettings,
                  connection: dict[str, Any] | None, spec: CollectionSpec) -> None:
-        import ray
+        import ray  # cost: Ray is an optional extra (in a Ray worker it is loaded already)
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.model = worker_model(model_source, fingerprint, precision, device)
-        self.s = settings
+        self.settings = settings
         self.fingerprint = fingerprint
         self.sink = None
         if connection is not None:
-            from qdrant_client import QdrantClient
+            from qdrant_client import QdrantClient  # cost: qdrant-client takes seconds, only for direct writes
 
-            from ..store.server import ClientStore
+            from ..store.server import ClientStore  # cost: as above (it imports qdrant-client)
 
             self.sink = ClientStore(QdrantClient(**connection), url=connection.get("url") or connection.get("host"))
             self.sink.open_collection(settings.collection, spec, create=False)
         register_plugins()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pool = _pool("decode", self.s.workers)
-        items = [WalkItem(Path(os.fsdecode(bytes(p))), str(f)) for p, f in zip(batch["path"], batch["folder"])]
-        tasks = [pool.submit(_guarded, _prepare, it, self.model, self.s) for it in items]
         rows: list[tuple[str, str, bytes, bytes]] = []  # (outcome, id, path, body)
-        prepared: dict[str, _Prepared] = {}
+        prepared = self._prepare(batch, rows)
+        points: list[PointRecord] = []
+        if prepared:
+            vectors, tokens = self.model.embed_images(np.stack([p.pixels for p in prepared]))
+            for p, vec, tok in zip(prepared, vectors, tokens):
+                try:
+                    points.append(point_of(p, vec, tok, self.settings.dtype, self.fingerprint))
+                except UnusableFile as exc:
+                    rows.append(("failed", p.id, os.fsencode(p.source), _failure(exc)))
+        if points and self.sink is not None:
+            self.sink.upsert(self.settings.collection, points)  # durable when it returns (wait=True)
+            rows.extend(("written", p.id, b"", b"") for p in points)
+        else:
+            rows.extend(("point", p.id, b"", _pack_point(p)) for p in points)
+        return {name: np.array([r[i] for r in rows], dtype=object)
+                for i, name in enumerate(("outcome", "id", PATH_COLUMN, "body"))}
+
+    def _prepare(self, batch: dict[str, np.ndarray], rows: list[tuple[str, str, bytes, bytes]]) -> list[Prepared]:
+        """Read, decode and preprocess the batch's files on this worker's threads; failures and duplicates go to
+        ``rows``."""
+        pool = _pool("decode", self.settings.decode_threads)
+        items = _walk_items(batch)
+        tasks = [pool.submit(guarded, prepare, it, self.model, self.settings) for it in items]
+        prepared: dict[str, Prepared] = {}
         for item, task in zip(items, tasks):
             try:
-                p = pool.wait(task, self.s.file_timeout)
+                p = pool.wait(task, self.settings.file_timeout)
             except UnusableFile as exc:
-                rows.append(("failed", "", os.fsencode(item.path), _failure(exc.reason, exc.error_type, exc.kind)))
+                rows.append(("failed", "", os.fsencode(item.path), _failure(exc)))
                 continue
             if p.id in prepared:  # content changed between hashing and decoding can make two ids meet
                 rows.append(("duplicate", p.id, os.fsencode(item.path), b""))
             else:
                 prepared[p.id] = p
-        points: list[PointRecord] = []
-        if prepared:
-            todo = list(prepared.values())
-            vectors, tokens = self.model.embed_images(np.stack([p.pixels for p in todo]))
-            for p, vec, tok in zip(todo, vectors, tokens):
-                point = _point(p, vec, tok, self.s.dtype, self.fingerprint)
-                if isinstance(point, tuple):
-                    rows.append(("failed", p.id, os.fsencode(p.metadata["source"]), _failure(*point)))
-                else:
-                    points.append(point)
-        if points and self.sink is not None:
-            self.sink.upsert(self.s.collection, points)  # durable when it returns (wait=True)
-            rows.extend(("written", p.id, b"", b"") for p in points)
-        else:
-            rows.extend(("point", p.id, b"", _pack_point(p)) for p in points)
-        return {
-            "outcome": np.array([r[0] for r in rows], dtype=object),
-            "id": np.array([r[1] for r in rows], dtype=object),
-            "path": np.array([r[2] for r in rows], dtype=object),
-            "body": np.array([r[3] for r in rows], dtype=object),
-        }
+        return list(prepared.values())
 
 
 def _worker_start_error(exc: Exception) -> Exception:
@@ -274,8 +271,8 @@ def _worker_start_error(exc: Exception) -> Exception:
     return exc
 
 
-def _failure(reason: str, error_type: str, kind: str) -> bytes:
-    return msgpack.packb([reason, error_type, kind])
+def _failure(exc: UnusableFile) -> bytes:
+    return msgpack.packb([exc.reason, exc.error_type, exc.kind])
 
 
 def _pack_point(p: PointRecord) -> bytes:
@@ -288,75 +285,50 @@ def _unpack_point(body: bytes) -> PointRecord:
     return PointRecord(id=data["id"], vector=data["vector"], payload=data["payload"])
 
 
-def _point(p: _Prepared, vec: np.ndarray, tok: np.ndarray, dtype: str,
-           fingerprint: str) -> PointRecord | tuple[str, str, str]:
-    """The point of one embedded image, or (reason, error_type, kind) when its embedding is unusable."""
-    if not np.isfinite(vec).all() or not np.any(vec):
-        return "the model produced a non-finite or all-zero embedding", "BadEmbedding", "model"
-    try:
-        blob = encode_tokens(tok, dtype)
-    except CodecError as exc:
-        return f"cannot encode the image tokens: {exc}", type(exc).__name__, "model"
-    payload = point_payload(p.page_content, p.metadata, blob, fingerprint)
-    return PointRecord(id=p.id, vector=[float(x) for x in vec], payload=payload)
-
-
 # -------------------------------------------------------------------------------------------- driver
 
 
-class _RayRun(RunBase):
+class RayRun(IngestRun):
+    """The Ray executor's driver: lists and hashes (Ray tasks), checks the store, embeds on the actor pool, writes
+    (or lets the actors write), then syncs."""
+
     label = "ingest on Ray"
 
-    def __init__(self, ray: Any, s: _Settings, spec: CollectionSpec, store: Any, model: Any, report: IngestReport,
-                 errors: _ErrorLog, opts: RayOptions, connection: dict[str, Any] | None, progress: bool,
-                 prune: bool = True) -> None:
-        super().__init__(s, store, model, report, errors, prune)
+    def __init__(self, ray: Any, settings: IngestSettings, spec: CollectionSpec, store: Any, model: Any,
+                 report: IngestReport, errors: ErrorLog, opts: RayOptions, connection: dict[str, Any] | None,
+                 progress: bool, prune: bool = True) -> None:
+        super().__init__(settings, store, model, report, errors, prune)
         self.ray = ray
         self.spec = spec
         self.opts = opts
         self.connection = connection
         if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(desc="ingest (ray)", unit="img", dynamic_ncols=True)
+            self.open_bar("ingest (ray)")
         self.written: set[str] = set()
         self.pending: list[PointRecord] = []
 
-    def execute(self) -> IngestReport:
-        t0 = time.monotonic()
-        ctx = self.ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        try:
-            todo = self._hash_and_check()
-            if todo:
-                try:
-                    self._embed(todo)
-                except self.ray.exceptions.RayActorError as exc:
-                    raise _worker_start_error(exc) from None
-            self._write()
-            self._sync()
-        except BaseException as exc:
-            self._failed_run(exc, t0)
-            raise
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-        return self._done(t0)
-
-    def _tick(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+    def work(self) -> None:
+        self.ray.data.DataContext.get_current().enable_progress_bars = False
+        todo = self._hash_and_check()
+        if todo:
+            try:
+                self._embed(todo)
+            except self.ray.exceptions.RayActorError as exc:
+                raise _worker_start_error(exc) from None
+        self._write()
 
     # -- phase 1: list, hash (Ray tasks), drop duplicates and what the store holds
-    def _hash_and_check(self) -> list[dict[str, Any]]:
+    def _list(self) -> list[dict[str, Any]]:
         listing: list[dict[str, Any]] = []
-        for ev in walk_images(self.s.root):
-            if isinstance(ev, WalkError):
-                self.unreadable.folders.append(display_path(ev.path))  # it, and anything under it
-                self.errors.add(ev.path, ev.reason, ev.error_type, "walk")
-                self._tick()
+        for event in walk_images(self.settings.root):
+            if isinstance(event, WalkError):
+                self.walk_problem(event)
             else:
-                listing.append({"path": os.fsencode(ev.path), "folder": ev.folder})
+                listing.append({PATH_COLUMN: os.fsencode(event.path), FOLDER_COLUMN: event.folder})
+        return listing
+
+    def _hash_and_check(self) -> list[dict[str, Any]]:
+        listing = self._list()
         if not listing:
             return []
         ctx = self.ray.data.DataContext.get_current()
@@ -364,51 +336,40 @@ class _RayRun(RunBase):
         ctx.execution_options.preserve_order = True  # duplicates: the first path in walk order names the point
         try:
             ds = self.ray.data.from_items(listing, override_num_blocks=max(1, len(listing) // _HASH_BATCH))
-            hashed = ds.map_batches(_hash_batch, fn_kwargs={"file_timeout": self.s.file_timeout},
+            hashed = ds.map_batches(_hash_batch, fn_kwargs={"file_timeout": self.settings.file_timeout},
                                     batch_size=_HASH_BATCH, batch_format="numpy", num_cpus=1)
-            todo: list[dict[str, Any]] = []
-            chunk: dict[str, dict[str, Any]] = {}
-            seen: set[str] = set()
-            for row in hashed.iter_rows():
-                path = Path(os.fsdecode(bytes(row["path"])))
-                if not row["sha"]:
-                    self.unreadable.files.add(display_path(path))
-                    self.errors.add(path, str(row["reason"]), str(row["error_type"]), str(row["kind"]))
-                    self._tick()
-                    continue
-                pid = point_id(str(row["sha"]))
-                self.found.setdefault(pid, []).append({"source": display_path(path), "folder": str(row["folder"])})
-                if pid in seen or pid in chunk:
-                    self.report.duplicates += 1
-                    self._tick()
-                    continue
-                chunk[pid] = {"path": bytes(row["path"]), "folder": str(row["folder"])}
-                if len(chunk) >= _CHECK_CHUNK:
-                    todo.extend(self._check(chunk, seen))
-                    chunk = {}
-            todo.extend(self._check(chunk, seen))
-            return todo
+            return self._check_hashed(hashed.iter_rows())
         finally:
             ctx.execution_options.preserve_order = keep_order
 
-    def _check(self, chunk: dict[str, dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
-        if not chunk:
-            return []
-        existing = self.store.existing_ids(self.s.collection, list(chunk))
-        todo = []
-        for pid, item in chunk.items():
-            seen.add(pid)
-            if pid in existing:
-                self.report.skipped_existing += 1
-                self._tick()
-            else:
-                todo.append(item)
+    def _check_hashed(self, rows: Any) -> list[dict[str, Any]]:
+        """Record hash failures and duplicates, ask the store in chunks, return the files to embed."""
+        todo: list[dict[str, Any]] = []
+        chunk: dict[str, dict[str, Any]] = {}
+        seen: set[str] = set()
+        for row in rows:
+            path = Path(os.fsdecode(bytes(row[PATH_COLUMN])))
+            if not row["sha"]:
+                self.file_failed(path, UnusableFile(str(row["reason"]), str(row["kind"]), str(row["error_type"])))
+                continue
+            pid = point_id(str(row["sha"]))
+            self.found.setdefault(pid, []).append(walked_location(WalkItem(path, str(row[FOLDER_COLUMN]))))
+            if pid in seen or pid in chunk:
+                self.duplicate()
+                continue
+            chunk[pid] = {PATH_COLUMN: bytes(row[PATH_COLUMN]), FOLDER_COLUMN: str(row[FOLDER_COLUMN])}
+            if len(chunk) >= _CHECK_CHUNK:
+                seen.update(chunk)
+                todo.extend(self.not_stored(chunk))
+                chunk = {}
+        seen.update(chunk)
+        todo.extend(self.not_stored(chunk))
         return todo
 
     # -- phase 2: decode + embed on the actor pool; write (actors or here)
     def _embed(self, todo: list[dict[str, Any]]) -> None:
-        bs = self.s.batch_size
-        blocks = max(1, -(-len(todo) // bs))
+        size = self.settings.batch_size
+        blocks = max(1, -(-len(todo) // size))
         ds = self.ray.data.from_items(todo, override_num_blocks=blocks)
         embedded = ds.map_batches(
             EmbedWorker,
@@ -416,47 +377,44 @@ class _RayRun(RunBase):
                                    # the driver's precision, so vectors match a single-process run (int8 only
                                    # changes re-ranking, which ingest does not run)
                                    "precision": "bf16" if self.model.precision == "bf16" else "fp32",
-                                   "settings": self.s,
+                                   "settings": self.settings,
                                    "connection": self.connection, "spec": self.spec},
-            batch_size=bs,
+            batch_size=size,
             batch_format="numpy",
             compute=self.ray.data.ActorPoolStrategy(size=min(self.opts.workers, blocks)),
             num_cpus=self.opts.cpus_per_worker,
             num_gpus=self.opts.gpus_per_worker or None,
         )
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-            for outcome, pid, path, body in zip(batch["outcome"], batch["id"], batch["path"], batch["body"]):
-                self._take(str(outcome), str(pid), bytes(path), bytes(body))
-            if len(self.pending) >= bs:
+            for outcome, pid, path, body in zip(batch["outcome"], batch["id"], batch[PATH_COLUMN], batch["body"]):
+                self._record(str(outcome), str(pid), bytes(path), bytes(body))
+            if len(self.pending) >= size:
                 self._write()
             elif self.connection is not None and self.opts.on_batch is not None:
                 self.opts.on_batch(self.report)
 
-    def _take(self, outcome: str, pid: str, path: bytes, body: bytes) -> None:
+    def _record(self, outcome: str, pid: str, path: bytes, body: bytes) -> None:
+        """Count one row a worker returned; a point it did not write itself waits in ``pending``."""
         if outcome == "failed":
             reason, error_type, kind = msgpack.unpackb(body, raw=False)
-            self.unreadable.files.add(display_path(Path(os.fsdecode(path))))
-            self.errors.add(Path(os.fsdecode(path)), reason, error_type, kind)
-            self._tick()
+            self.file_failed(Path(os.fsdecode(path)), UnusableFile(reason, kind, error_type))
         elif outcome == "duplicate" or pid in self.written:
-            self.report.duplicates += 1
-            self._tick()
+            self.duplicate()
         elif outcome == "written":
             self.written.add(pid)
             self.report.ingested += 1
-            self._tick()
+            self.tick()
         else:  # "point": the driver writes it
             self.written.add(pid)
             point = _unpack_point(body)
-            self.found.setdefault(point.id, list(point.payload["metadata"][LOCATIONS_KEY]))  # changed after hashing
+            self.found.setdefault(point.id, list(point.payload[METADATA_KEY][LOCATIONS_KEY]))  # changed after hashing
             self.pending.append(point)
 
     def _write(self) -> None:
         if not self.pending:
             return
         points, self.pending = self.pending, []
-        self._store(points)
-        self._tick(len(points))
+        self.store_points(points)
+        self.tick(len(points))
         if self.opts.on_batch is not None:
             self.opts.on_batch(self.report)
-

@@ -12,6 +12,8 @@ from typing import Any
 
 from PIL import Image
 
+from ..schema import CAMERA_MAKE_KEY, CAMERA_MODEL_KEY, GEO_KEY, TAKEN_AT_KEY
+
 log = logging.getLogger(__name__)
 
 _ORIENTATION = 0x0112
@@ -52,18 +54,18 @@ def exif_fields(exif: Image.Exif | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if exif is None:
         return out
-    for key, tag in (("camera_make", _MAKE), ("camera_model", _MODEL)):
+    for key, tag in ((CAMERA_MAKE_KEY, _MAKE), (CAMERA_MODEL_KEY, _MODEL)):
         text = _text(_safe(lambda t=tag: exif.get(t)))
         if text:
             out[key] = text
     sub = _safe(lambda: exif.get_ifd(_EXIF_IFD)) or {}
     taken = _taken_at(_safe(lambda: sub.get(_DATETIME_ORIGINAL)), _safe(lambda: sub.get(_OFFSET_TIME_ORIGINAL)))
     if taken:
-        out["taken_at"] = taken
+        out[TAKEN_AT_KEY] = taken
     gps = _safe(lambda: exif.get_ifd(_GPS_IFD)) or {}
     geo = _safe(lambda: _geo(gps))
     if geo:
-        out["geo"] = geo
+        out[GEO_KEY] = geo
     return out
 
 

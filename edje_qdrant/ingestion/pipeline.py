@@ -1,4 +1,6 @@
-"""Folder -> points: walk, hash, skip what is stored, decode in parallel, embed in batches, upsert, sync.
+"""``ingest``, and its local executor: walk, hash, skip what is stored, decode in parallel, embed in batches,
+upsert, sync (the per-file steps are in ``steps``, the run's common state in ``run``; ``distributed`` runs the same
+steps on Ray).
 
 Threads and what they touch:
   producer thread   walks the whole folder first (the progress total), then hashes files (through the
@@ -19,90 +21,32 @@ deleted. Writes before deletes: a kill at any moment loses nothing that is still
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import signal
 import threading
-import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator
 
 import numpy as np
 
-from ..codec import DTYPES, encode_tokens
-from ..errors import CodecError, InputError
-from ..rules import LOCATIONS_KEY, collection_spec, point_id, point_payload
+from ..errors import InputError
+from ..schema import LOCATIONS_KEY, point_id
 from ..store import open_store
-from ..store.base import PointRecord
-from .decode import (
-    DEFAULT_MAX_PIXELS,
-    UnusableFile,
-    decode_image,
-    draft_size_for,
-    open_regular,
-    read_file,
-    register_plugins,
-)
-from .ids import sha256_bytes, sha256_stream
+from ..store.base import PointRecord, collection_spec
+from .decode import DEFAULT_MAX_PIXELS, UnusableFile, register_plugins
+from .distributed import ingest_on_ray
 from .pool import HASH_PRIORITY, CancelledError, TaskPool
-from .sync import Unreadable, sync_collection
+from .run import IngestRun
+from .steps import (DEFAULT_FILE_TIMEOUT, ErrorLog, IngestReport, IngestSettings, Prepared, check_options, guarded,
+                    hash_item, ingest_root, point_of, prepare, settings_for, walked_location)
 from .walk import WalkError, WalkItem, display_path, walk_images
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FILE_TIMEOUT = 60.0
-MAX_FAILURES_KEPT = 100  # in the report; the errors file has all of them
-_CAPTION_MAX_BYTES = 64 * 1024
-
-
-@dataclass
-class IngestReport:
-    """What one ``ingest`` call did. ``failures`` holds the first 100 problems; the errors file has all."""
-
-    ingested: int = 0
-    skipped_existing: int = 0
-    duplicates: int = 0  # same content met again under another path in this run (one point)
-    failed: int = 0
-    removed: int = 0  # points deleted by the sync: content no longer anywhere under the folder
-    moved: int = 0  # points whose path changed (file moved or renamed): payload updated, not re-encoded
-    prune_skipped: str | None = None  # why stale points were not removed this run (None: the sync ran)
-    seconds: float = 0.0
-    images_per_s: float = 0.0  # ingested images per second of wall time
-    errors_file: str | None = None
-    interrupted: bool = False
-    failures: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def seen(self) -> int:
-        return self.ingested + self.skipped_existing + self.duplicates + self.failed
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class _Prepared:
-    id: str
-    pixels: np.ndarray
-    page_content: str
-    metadata: dict[str, Any]
-
-
-@dataclass
-class _Settings:
-    root: Path
-    collection: str
-    dtype: str
-    batch_size: int
-    workers: int
-    max_pixels: int
-    file_timeout: float
-    draft_size: int
+__all__ = ["IngestReport", "LocalRun", "ingest"]
 
 
 def ingest(
@@ -150,25 +94,36 @@ def ingest(
     store and its lock (an existing store is opened now), and only then is a named model loaded; a store folder
     that does not exist yet is created after that, so a bad folder, a locked store or a bad model leaves nothing.
     """
-    root = _root(folder)
-    _check_options(dtype, batch_size, workers, max_pixels, file_timeout)
+    root = ingest_root(folder)
+    check_options(dtype, batch_size, workers, max_pixels, file_timeout)
     if _holds_nothing(root):
         log.info("ingest %s: no image found; nothing ingested, nothing removed", display_path(root))
         return IngestReport(prune_skipped="no images found")
+    kwargs = dict(dtype=dtype, batch_size=batch_size, workers=workers, errors_file=errors_file, progress=progress,
+                  max_pixels=max_pixels, file_timeout=file_timeout, prune=prune)
+    with _store_and_model(store, model, device) as (target, loaded):
+        if executor == "local":
+            return _ingest_here(folder, target, loaded, collection, **kwargs)
+        if executor != "ray":
+            raise InputError(f"executor {executor!r} is not supported; use 'local' or 'ray'")
+        return ingest_on_ray(folder, target, loaded, collection, options=ray_options, **kwargs)
+
+
+@contextmanager
+def _store_and_model(store: Any, model: Any, device: str | None) -> Iterator[tuple[Any, Any]]:
+    """The store and the model, in the order that leaves nothing behind when one fails: an existing store (and its
+    lock) first, then a named model, and only then a store folder that does not exist yet. A store given as a
+    folder path is closed at the end."""
     owned = isinstance(store, (str, os.PathLike))  # a folder path: this call opens the store and closes it
     target = open_store(store) if not owned or os.path.exists(os.path.expanduser(store)) else None
     try:
         if isinstance(model, (str, os.PathLike)):
-            from ..models import load_model
+            from ..models import load_model  # cost: torch and the model's libraries, after the cheap checks
 
             model = load_model(os.fspath(model), device=device)
         if target is None:  # a new store folder: created once the model has loaded
             target = open_store(store)
-        kwargs = dict(dtype=dtype, batch_size=batch_size, workers=workers, errors_file=errors_file,
-                      progress=progress, max_pixels=max_pixels, file_timeout=file_timeout, prune=prune)
-        if executor != "local":
-            return _ingest_elsewhere(executor, ray_options, folder, target, model, collection, **kwargs)
-        return _ingest_here(folder, target, model, collection, **kwargs)
+        yield target, model
     finally:
         if owned and target is not None:
             target.close()
@@ -183,258 +138,34 @@ def _ingest_here(folder: Any, store: Any, model: Any, collection: str, *, dtype:
                  workers: int | None, errors_file: Any, progress: bool, max_pixels: int, file_timeout: float,
                  prune: bool) -> IngestReport:
     """The single-process pipeline (``ingest`` with ``executor="local"``)."""
-    settings = _settings(folder, model, collection, dtype, batch_size, workers, max_pixels, file_timeout)
+    settings = settings_for(folder, model, collection, dtype, batch_size, workers, max_pixels, file_timeout)
     spec = collection_spec(model, dtype)
     report = IngestReport()
-    errors = _ErrorLog(errors_file, report)
+    errors = ErrorLog(errors_file, report)
     try:
         store.open_collection(collection, spec)  # refuses a mismatched model before anything is written
     except BaseException:
         errors.close()
         raise
     register_plugins()
-    return _Run(settings, store, model, report, errors, progress, prune).execute()
+    return LocalRun(settings, store, model, report, errors, progress, prune).execute()
 
 
-def _ingest_elsewhere(executor: str, ray_options: Any, *args: Any, **kwargs: Any) -> IngestReport:
-    """Dispatch to another executor (only "ray" so far: ``distributed.ingest_on_ray``)."""
-    if executor != "ray":
-        raise InputError(f"executor {executor!r} is not supported; use 'local' or 'ray'")
-    from .distributed import ingest_on_ray
+class LocalRun(IngestRun):
+    """The local executor: a producer thread walks and hashes, a thread pool decodes, this thread embeds and
+    writes (see the module docstring)."""
 
-    return ingest_on_ray(*args, options=ray_options, **kwargs)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_options(dtype: str, batch_size: int | None, workers: int | None, max_pixels: int,
-                   file_timeout: float) -> None:
-    """The options that need no model (InputError naming the bad one)."""
-    if dtype not in DTYPES:
-        raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if batch_size is not None:
-        _positive_int(batch_size, "batch_size")
-    if workers is not None:
-        _positive_int(workers, "workers")
-    _positive_int(max_pixels, "max_pixels")
-    if isinstance(file_timeout, bool) or not isinstance(file_timeout, (int, float)) or not file_timeout > 0:
-        raise InputError(f"file_timeout must be a positive number of seconds, got {file_timeout!r}")
-
-
-def _settings(folder: Any, model: Any, collection: str, dtype: str, batch_size: int | None, workers: int | None,
-              max_pixels: int, file_timeout: float) -> _Settings:
-    root = _root(folder)
-    _check_options(dtype, batch_size, workers, max_pixels, file_timeout)
-    bs = _positive_int(batch_size if batch_size is not None else int(model.image_batch_size), "batch_size")
-    nw = workers if workers is not None else default_workers()
-    return _Settings(root, collection, dtype, bs, nw, max_pixels, float(file_timeout), draft_size_for(model.vision))
-
-
-def _root(folder: Any) -> Path:
-    """The ingest folder as an absolute path; InputError when it is missing or not a directory."""
-    root = Path(os.path.abspath(os.fspath(folder)))
-    if not root.exists():
-        raise InputError(f"ingest folder {display_path(root)} does not exist; pass an existing directory of images")
-    if not root.is_dir():
-        raise InputError(f"ingest folder {display_path(root)} is not a directory; pass the folder that holds the images")
-    return root
-
-
-def default_workers() -> int:
-    """Decode threads: one per core (at least 2, at most 8); the model forward runs beside them."""
-    return max(2, min(8, os.cpu_count() or 2))
-
-
-class _ErrorLog:
-    """Counts failures; writes each to the JSON-lines errors file as it happens (flushed)."""
-
-    def __init__(self, path: str | os.PathLike[str] | None, report: IngestReport) -> None:
-        self._report = report
-        self._fh: TextIO | None = None
-        if path is not None:
-            p = Path(path)
-            try:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(p, "w", encoding="utf-8")
-            except OSError as exc:
-                raise InputError(
-                    f"cannot write the errors file {display_path(p)}: {exc.strerror or exc}; pass a writable path"
-                ) from None
-            report.errors_file = str(p)
-
-    def add(self, path: Path, reason: str, error_type: str, kind: str) -> None:
-        record = {"path": display_path(path), "reason": reason, "error_type": error_type, "kind": kind}
-        self._report.failed += 1
-        if len(self._report.failures) < MAX_FAILURES_KEPT:
-            self._report.failures.append(record)
-        log.info("skipped %s: %s", record["path"], reason)
-        if self._fh is not None:
-            self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._fh.flush()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-def _hash_file(path: Path) -> str:
-    fh, _ = open_regular(path)
-    with fh:
-        try:
-            digest, _ = sha256_stream(fh)
-        except OSError as exc:
-            raise UnusableFile(f"read error: {exc.strerror or exc}", "unreadable", type(exc).__name__) from None
-    return digest
-
-
-def _location(item: WalkItem) -> dict[str, str]:
-    return {"source": display_path(item.path), "folder": item.folder}
-
-
-def caption_of(path: Path) -> str | None:
-    """The text of a ``NAME.txt`` file beside the image (its page_content), if any."""
-    side = path.with_name(path.name + ".txt")
-    try:
-        with open(side, "rb") as fh:
-            raw = fh.read(_CAPTION_MAX_BYTES)
-    except OSError:
-        return None
-    text = raw.decode("utf-8", "replace").strip()
-    return text or None
-
-
-def _guarded(fn: Any, item: WalkItem, *args: Any) -> Any:
-    """Run a worker job; an unexpected exception becomes a reported file failure, not a stopped run."""
-    try:
-        return fn(item, *args)
-    except UnusableFile:
-        raise
-    except Exception as exc:
-        log.warning("unexpected error on %s", display_path(item.path), exc_info=True)
-        raise UnusableFile(f"unexpected {type(exc).__name__}: {exc}", "error", type(exc).__name__) from None
-
-
-def _hash_item(item: WalkItem) -> str:
-    return _hash_file(item.path)
-
-
-def _prepare(item: WalkItem, model: Any, s: _Settings) -> _Prepared:
-    """Worker job: read, hash (the id is of the bytes actually decoded), decode, preprocess, payload."""
-    content = read_file(item.path)
-    sha = sha256_bytes(content.data)
-    img = decode_image(content.data, max_pixels=s.max_pixels, draft_size=s.draft_size)
-    try:
-        pixels = np.asarray(model.vision.preprocess(img.image), dtype=np.float32)
-    except Exception as exc:
-        raise UnusableFile(f"model preprocessing failed: {exc}", "preprocess", type(exc).__name__) from None
-    metadata: dict[str, Any] = {
-        "source": display_path(item.path),
-        "folder": item.folder,
-        LOCATIONS_KEY: [_location(item)],
-        "width": img.width,
-        "height": img.height,
-        "mtime": content.mtime,
-        "size": content.size,
-        "sha256": sha,
-        "mime": img.mime,
-        "orientation": img.orientation,
-        **img.exif,
-    }
-    page_content = caption_of(item.path) or display_path(item.path.name)
-    return _Prepared(id=point_id(sha), pixels=pixels, page_content=page_content, metadata=metadata)
-
-
-@contextmanager
-def interrupt_after() -> Iterator[None]:
-    """Hold a SIGINT that arrives inside the block and raise it (KeyboardInterrupt) when the block ends. Only the
-    main thread can change signal handlers; elsewhere the block runs as is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[tuple[int, Any]] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        if callable(previous):
-            previous(*caught[0])
-        elif previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
-
-
-class RunBase:
-    """What every executor keeps while it runs (settings, store, model, report, errors file, where the walk met
-    each content and what it could not read, the progress bar) and does alike: timing, the folder sync, the
-    report on an interrupt and the closing log line."""
-
-    label = "ingest"
-
-    def __init__(self, s: _Settings, store: Any, model: Any, report: IngestReport, errors: _ErrorLog,
-                 prune: bool) -> None:
-        self.s = s
-        self.store = store
-        self.model = model
-        self.report = report
-        self.errors = errors
-        self.prune = prune
-        self.found: dict[str, list[dict[str, str]]] = {}  # point id -> where this walk met its content
-        self.unreadable = Unreadable()
-        self.bar: Any = None
-
-    def _store(self, points: list[PointRecord]) -> None:
-        """Upsert a batch and count it as one step: a Ctrl-C that lands meanwhile is raised right after, so the
-        report never misses a batch that was stored (nor counts one that was not)."""
-        with interrupt_after():
-            self.store.upsert(self.s.collection, points)
-            self.report.ingested += len(points)
-
-    def _finish(self, t0: float) -> None:
-        self.report.seconds = round(time.monotonic() - t0, 3)
-        self.report.images_per_s = round(self.report.ingested / self.report.seconds, 2) if self.report.seconds else 0.0
-
-    def _sync(self) -> None:
-        """After a complete walk and every upsert: new paths first, then delete the stale points."""
-        sync_collection(self.store, self.s.collection, self.s.root, self.found, self.unreadable, self.prune,
-                        self.report, caption_of)
-
-    def _failed_run(self, exc: BaseException, t0: float) -> None:
-        """Before re-raising: the partial report, attached to a KeyboardInterrupt for the caller."""
-        self.report.interrupted = isinstance(exc, KeyboardInterrupt)
-        self._finish(t0)
-        if isinstance(exc, KeyboardInterrupt):
-            exc.ingest_report = self.report  # type: ignore[attr-defined]
-            r = self.report
-            # info, not warning: the caller gets the interrupt with the report and tells the user itself
-            log.info("ingest interrupted after %d new, %d already stored, %d failed; re-run to resume",
-                     r.ingested, r.skipped_existing, r.failed)
-
-    def _done(self, t0: float) -> IngestReport:
-        self._finish(t0)
-        r = self.report
-        log.info("%s %s: %d new, %d already stored, %d duplicates, %d failed, %d removed, %d moved in %.1f s "
-                 "(%.1f img/s)", self.label, display_path(self.s.root), r.ingested, r.skipped_existing,
-                 r.duplicates, r.failed, r.removed, r.moved, r.seconds, r.images_per_s)
-        return r
-
-
-class _Run(RunBase):
-    def __init__(self, s: _Settings, store: Any, model: Any, report: IngestReport, errors: _ErrorLog,
+    def __init__(self, settings: IngestSettings, store: Any, model: Any, report: IngestReport, errors: ErrorLog,
                  progress: bool, prune: bool) -> None:
-        super().__init__(s, store, model, report, errors, prune)
+        super().__init__(settings, store, model, report, errors, prune)
         self.progress = progress
         self.seen: set[str] = set()
-        self.batch: list[_Prepared] = []
+        self.batch: list[Prepared] = []
         self.stop = threading.Event()
         # Chunks of (item, sha or UnusableFile) from the producer; small so it stays close ahead.
         self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
-        self.pool = TaskPool(s.workers)
+        self.pool = TaskPool(settings.decode_threads)
+        self.producer = threading.Thread(target=self._produce, name="edje-ingest-walk", daemon=True)
 
     # -- producer thread ------------------------------------------------------------------------
     def _put(self, msg: tuple[str, Any]) -> bool:
@@ -447,32 +178,39 @@ class _Run(RunBase):
         return False
 
     def _hash_chunk(self, items: list[WalkItem]) -> list[tuple[WalkItem, Any]]:
-        tasks = [self.pool.submit(_guarded, _hash_item, it, priority=HASH_PRIORITY) for it in items]
+        tasks = [self.pool.submit(guarded, hash_item, it, priority=HASH_PRIORITY) for it in items]
         out: list[tuple[WalkItem, Any]] = []
         for it, task in zip(items, tasks):
             try:
-                out.append((it, self.pool.wait(task, self.s.file_timeout)))
+                out.append((it, self.pool.wait(task, self.settings.file_timeout)))
             except UnusableFile as exc:
                 out.append((it, exc))
         return out
 
+    def _walk(self) -> tuple[list[WalkItem], int] | None:
+        """The whole walk first (it gives the progress total): the files, and how many problems were sent on;
+        None when the run stopped meanwhile."""
+        items: list[WalkItem] = []
+        problems = 0
+        for event in walk_images(self.settings.root):
+            if self.stop.is_set():
+                return None
+            if isinstance(event, WalkError):
+                problems += 1
+                if not self._put(("walk_error", event)):
+                    return None
+                continue
+            items.append(event)
+        return items, problems
+
     def _produce(self) -> None:
         try:
-            items: list[WalkItem] = []
-            problems = 0
-            for ev in walk_images(self.s.root):  # the whole walk first: it gives the progress total
-                if self.stop.is_set():
-                    return
-                if isinstance(ev, WalkError):
-                    problems += 1
-                    if not self._put(("walk_error", ev)):
-                        return
-                    continue
-                items.append(ev)
-            if not self._put(("total", len(items) + problems)):
+            walked = self._walk()
+            if walked is None or not self._put(("total", len(walked[0]) + walked[1])):
                 return
-            for start in range(0, len(items), self.s.batch_size):
-                if not self._put(("chunk", self._hash_chunk(items[start:start + self.s.batch_size]))):
+            items, size = walked[0], self.settings.batch_size
+            for start in range(0, len(items), size):
+                if not self._put(("chunk", self._hash_chunk(items[start:start + size]))):
                     return
         except CancelledError:
             return  # shutdown cancelled our hashing
@@ -482,39 +220,22 @@ class _Run(RunBase):
             self._put(("done", None))
 
     # -- calling thread -------------------------------------------------------------------------
-    def execute(self) -> IngestReport:
-        t0 = time.monotonic()
-        producer = threading.Thread(target=self._produce, name="edje-ingest-walk", daemon=True)
-        try:
-            if self.progress:
-                from tqdm.auto import tqdm
+    def work(self) -> None:
+        if self.progress:
+            self.open_bar("ingest")
+        self.producer.start()
+        self._consume()
 
-                self.bar = tqdm(desc="ingest", unit="img", dynamic_ncols=True)
-            producer.start()
-            self._consume()
-            self._sync()
-        except BaseException as exc:
-            self._failed_run(exc, t0)
-            raise
-        finally:
-            self.stop.set()
-            self.pool.shutdown()
-            if producer.is_alive():
-                producer.join(timeout=2.0)
-            self.errors.close()
-            if self.bar is not None:
-                self.bar.close()
-        return self._done(t0)
-
-    def _tick(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(new=self.report.ingested, skip=self.report.skipped_existing,
-                                 fail=self.report.failed, refresh=False)
+    def release(self) -> None:
+        self.stop.set()
+        self.pool.shutdown()
+        if self.producer.is_alive():
+            self.producer.join(timeout=2.0)
+        self.errors.close()
 
     def _consume(self) -> None:
         inflight: deque[tuple[WalkItem, Any]] = deque()
-        window = 2 * self.s.batch_size  # one batch decoding while the previous one is embedded
+        window = 2 * self.settings.batch_size  # one batch decoding while the previous one is embedded
         while True:
             kind, body = self.chunks.get()
             if kind == "done":
@@ -525,96 +246,68 @@ class _Run(RunBase):
                 if self.bar is not None:
                     self.bar.total = body
                     self.bar.refresh()
-                continue
-            if kind == "walk_error":
-                self.unreadable.folders.append(display_path(body.path))  # it, and anything under it
-                self.errors.add(body.path, body.reason, body.error_type, "walk")
-                self._tick()
-                continue
-            for item in self._check_chunk(body):
-                inflight.append((item, self.pool.submit(_guarded, _prepare, item, self.model, self.s)))
-            while len(inflight) > window:
-                self._take(inflight.popleft())
+            elif kind == "walk_error":
+                self.walk_problem(body)
+            else:
+                for item in self._check_chunk(body):
+                    inflight.append((item, self.pool.submit(guarded, prepare, item, self.model, self.settings)))
+                while len(inflight) > window:
+                    self._collect(*inflight.popleft())
         while inflight:
-            self._take(inflight.popleft())
-        self._flush()
+            self._collect(*inflight.popleft())
+        self._embed_batch()
 
     def _check_chunk(self, hashed: list[tuple[WalkItem, Any]]) -> list[WalkItem]:
         """Record hash failures and duplicates, ask the store once, return the items to decode."""
         ids: dict[str, WalkItem] = {}
         for item, result in hashed:
             if isinstance(result, UnusableFile):
-                self._failed(item.path, result)
+                self.file_failed(item.path, result)
                 continue
             pid = point_id(result)
-            self.found.setdefault(pid, []).append(_location(item))
+            self.found.setdefault(pid, []).append(walked_location(item))
             if pid in self.seen or pid in ids:
-                self.report.duplicates += 1
-                self._tick()
+                self.duplicate()
                 continue
             ids[pid] = item
-        if not ids:
-            return []
-        existing = self.store.existing_ids(self.s.collection, list(ids))
-        todo = []
-        for pid, item in ids.items():
-            self.seen.add(pid)
-            if pid in existing:
-                self.report.skipped_existing += 1
-                self._tick()
-            else:
-                todo.append(item)
-        return todo
+        self.seen.update(ids)
+        return self.not_stored(ids)
 
-    def _take(self, entry: tuple[WalkItem, Any]) -> None:
-        item, task = entry
+    def _collect(self, item: WalkItem, task: Any) -> None:
+        """Wait for one file's decoding; add it to the batch (embedded once full) or report why it failed."""
         try:
-            prepared = self.pool.wait(task, self.s.file_timeout)
+            prepared = self.pool.wait(task, self.settings.file_timeout)
         except UnusableFile as exc:
-            self._failed(item.path, exc)
+            self.file_failed(item.path, exc)
             return
         self.batch.append(prepared)
-        if len(self.batch) >= self.s.batch_size:
-            self._flush()
+        if len(self.batch) >= self.settings.batch_size:
+            self._embed_batch()
 
-    def _flush(self) -> None:
+    def _embed_batch(self) -> None:
+        """Embed the batch in one forward and store its points."""
         if not self.batch:
             return
         batch, self.batch = self.batch, []
-        unique: dict[str, _Prepared] = {}
+        unique: dict[str, Prepared] = {}
         for p in batch:  # content changed between hashing and decoding can make two ids meet
             if p.id in unique:
-                self.report.duplicates += 1
-                self._tick()
+                self.duplicate()
             else:
                 unique[p.id] = p
         prepared = list(unique.values())
         vectors, tokens = self.model.embed_images(np.stack([p.pixels for p in prepared]))
         points: list[PointRecord] = []
         for p, vec, tok in zip(prepared, vectors, tokens):
-            source = Path(p.metadata["source"])
-            if not np.isfinite(vec).all() or not np.any(vec):
-                self._failed(source, UnusableFile("the model produced a non-finite or all-zero embedding", "model",
-                                                  "BadEmbedding"))
-                continue
             try:
-                blob = encode_tokens(tok, self.s.dtype)
-            except CodecError as exc:
-                self._failed(source, UnusableFile(f"cannot encode the image tokens: {exc}", "model",
-                                                  type(exc).__name__))
+                points.append(point_of(p, vec, tok, self.settings.dtype, str(self.model.fingerprint)))
+            except UnusableFile as exc:
+                self.file_failed(p.source, exc)
                 continue
-            payload = point_payload(p.page_content, p.metadata, blob, str(self.model.fingerprint))
-            points.append(PointRecord(id=p.id, vector=[float(x) for x in vec], payload=payload))
             self.found.setdefault(p.id, list(p.metadata[LOCATIONS_KEY]))  # content changed after hashing
         if points:
-            self._store(points)
-            self._tick(len(points))
-
-    def _failed(self, path: Path, exc: UnusableFile) -> None:
-        """Report a file the run could not use; whatever is stored for its path stays."""
-        self.unreadable.files.add(display_path(path))
-        self.errors.add(path, exc.reason, exc.error_type, exc.kind)
-        self._tick()
+            self.store_points(points)
+            self.tick(len(points))
 
 
 _POLL_PUT = 0.2

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..rules import LOCATIONS_KEY
+from ..schema import (FOLDER_KEY, LOCATIONS_KEY, METADATA_KEY, MTIME_KEY, PAGE_CONTENT_KEY, SOURCE_KEY,
+                      stored_locations)
+from .steps import caption_of
 from .walk import display_path
 
 log = logging.getLogger(__name__)
@@ -32,15 +34,6 @@ def under(path: str, root: str) -> bool:
     """True when ``path`` is inside the folder ``root`` (whole components: /a/bc is not under /a/b)."""
     prefix = root if root.endswith("/") else root + "/"
     return path.startswith(prefix)
-
-
-def stored_locations(metadata: dict[str, Any]) -> list[dict[str, str]]:
-    """The point's locations; a point written before they were recorded has its one ``source``."""
-    locs = metadata.get(LOCATIONS_KEY)
-    if isinstance(locs, list) and all(isinstance(x, dict) and isinstance(x.get("source"), str) for x in locs):
-        return [{"source": x["source"], "folder": str(x.get("folder", ""))} for x in locs]
-    source = metadata.get("source")
-    return [{"source": source, "folder": str(metadata.get("folder", ""))}] if isinstance(source, str) else []
 
 
 @dataclass
@@ -60,14 +53,15 @@ def relocate(old: list[dict[str, str]], found: list[dict[str, str]], root: str, 
 
     Returns ``[]`` when the point is to be deleted (every location was stale and ``prune`` is on).
     """
-    found_paths = {x["source"] for x in found}
+    found_paths = {x[SOURCE_KEY] for x in found}
 
     def stale(loc: dict[str, str]) -> bool:
-        return under(loc["source"], root) and loc["source"] not in found_paths and not unreadable(loc["source"])
+        path = loc[SOURCE_KEY]
+        return under(path, root) and path not in found_paths and not unreadable(path)
 
     kept = [x for x in old if not (prune and stale(x))]
-    known = {x["source"] for x in kept}
-    new = kept + [x for x in found if x["source"] not in known]
+    known = {x[SOURCE_KEY] for x in kept}
+    new = kept + [x for x in found if x[SOURCE_KEY] not in known]
     if new and stale(new[0]):  # the point's own path is gone: take the first that still holds it
         fresh = next((x for x in new if not stale(x)), None)
         if fresh is not None:
@@ -77,8 +71,7 @@ def relocate(old: list[dict[str, str]], found: list[dict[str, str]], root: str, 
 
 
 def sync_collection(store: Any, collection: str, root: Path, found: dict[str, list[dict[str, str]]],
-                    unreadable: Unreadable, prune: bool, report: Any, caption_of: Callable[[Path], str | None]
-                    ) -> None:
+                    unreadable: Unreadable, prune: bool, report: Any) -> None:
     """After a complete walk of ``root`` and every upsert: rewrite the locations of points whose files moved,
     then (with ``prune``) delete the points left with none. ``found``: point id -> where this walk met its
     content; ``report`` gets ``removed``, ``moved`` and ``prune_skipped``."""
@@ -91,16 +84,16 @@ def sync_collection(store: Any, collection: str, root: Path, found: dict[str, li
         report.prune_skipped = "no image could be read"
         prune = False
     if prune:  # every point: the stale ones are not in `found`
-        candidates = store.scroll(collection, ["metadata"])
+        candidates = store.scroll(collection, [METADATA_KEY])
     else:
         ids = list(found)
         candidates = (h for start in range(0, len(ids), 1024)
-                      for h in store.retrieve(collection, ids[start:start + 1024], ["metadata"]))
+                      for h in store.retrieve(collection, ids[start:start + 1024], [METADATA_KEY]))
     shown_root = display_path(root)
     updates: dict[str, dict[str, Any]] = {}
     stale: list[str] = []
     for hit in candidates:
-        meta = dict(hit.payload.get("metadata") or {})
+        meta = dict(hit.payload.get(METADATA_KEY) or {})
         old = stored_locations(meta)
         new = relocate(old, found.get(hit.id, []), shown_root, unreadable, prune)
         if new == old:
@@ -108,7 +101,7 @@ def sync_collection(store: Any, collection: str, root: Path, found: dict[str, li
         if not new:
             stale.append(hit.id)
             continue
-        updates[hit.id], moved = _relocated(meta, new, caption_of)
+        updates[hit.id], moved = _relocated(meta, new)
         report.moved += moved
     log.info("sync %s: updating the paths of %d points, then removing %d stale points", shown_root, len(updates),
              len(stale))
@@ -119,18 +112,17 @@ def sync_collection(store: Any, collection: str, root: Path, found: dict[str, li
         report.removed = len(stale)
 
 
-def _relocated(meta: dict[str, Any], locations: list[dict[str, str]], caption_of: Callable[[Path], str | None]
-               ) -> tuple[dict[str, Any], int]:
+def _relocated(meta: dict[str, Any], locations: list[dict[str, str]]) -> tuple[dict[str, Any], int]:
     """Payload keys to rewrite for a point whose locations changed (its source too when that moved), and
     whether it moved (1) or only gained/lost other locations (0)."""
     first = locations[0]
-    out = {**meta, LOCATIONS_KEY: locations, "folder": first["folder"]}
-    if meta.get("source") == first["source"]:
-        return {"metadata": out}, 0
-    out["source"] = first["source"]
-    path = Path(first["source"])
+    out = {**meta, LOCATIONS_KEY: locations, FOLDER_KEY: first[FOLDER_KEY]}
+    if meta.get(SOURCE_KEY) == first[SOURCE_KEY]:
+        return {METADATA_KEY: out}, 0
+    out[SOURCE_KEY] = first[SOURCE_KEY]
+    path = Path(first[SOURCE_KEY])
     try:
-        out["mtime"] = os.stat(path).st_mtime
+        out[MTIME_KEY] = os.stat(path).st_mtime
     except OSError:
         pass
-    return {"metadata": out, "page_content": caption_of(path) or display_path(path.name)}, 1
+    return {METADATA_KEY: out, PAGE_CONTENT_KEY: caption_of(path) or display_path(path.name)}, 1

@@ -6,20 +6,19 @@ result.
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Sequence
 
 from edje_qdrant.errors import install_hint
-from edje_qdrant.rules import canonical_id
+from edje_qdrant.schema import SOURCE_KEY, canonical_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from edje_qdrant.retriever import Retriever, SearchResult
 
-__all__ = ["canonical_id", "rerank_point_ids", "result_metadata", "require"]
+__all__ = ["canonical_id", "rerank_point_ids", "result_metadata", "require", "score_metadata"]
 
 def require(module: str, extra: str) -> None:
     """Import check with the fix in the message (the PyPI and the from-a-checkout install command)."""
-    import importlib
-
     try:
         importlib.import_module(module)
     except ImportError as exc:
@@ -30,14 +29,13 @@ def require(module: str, extra: str) -> None:
 
 def result_metadata(result: "SearchResult") -> dict[str, Any]:
     """Image metadata (flat, as stored) plus point id, source path and the three scores (``edje_qdrant.scores``)."""
-    meta: dict[str, Any] = dict(result.metadata)
-    meta.update(
-        point_id=result.id,
-        source=result.path,
-        score=result.score,
-        first_stage_score=result.first_stage_score,
-        rerank_score=result.rerank_score,
-    )
+    return {**result.metadata, SOURCE_KEY: result.path, **score_metadata(result)}
+
+
+def score_metadata(result: "SearchResult") -> dict[str, Any]:
+    """Point id, the three scores and, when re-ranking failed, the flags saying why (``edje_flags``)."""
+    meta = {"point_id": result.id, "score": result.score, "first_stage_score": result.first_stage_score,
+            "rerank_score": result.rerank_score}
     if result.flags:
         meta["edje_flags"] = list(result.flags)
     return meta

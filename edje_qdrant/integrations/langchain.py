@@ -30,8 +30,9 @@ from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from pydantic import ConfigDict, Field  # noqa: E402
 
 from edje_qdrant.errors import InputError  # noqa: E402
-from edje_qdrant.integrations import canonical_id, rerank_point_ids, result_metadata  # noqa: E402
+from edje_qdrant.integrations import canonical_id, rerank_point_ids, result_metadata, score_metadata  # noqa: E402
 from edje_qdrant.retriever import Retriever, SearchResult  # noqa: E402
+from edje_qdrant.schema import METADATA_KEY  # noqa: E402
 
 __all__ = ["EDJERetriever", "EDJEReranker", "EDJETextEmbeddings", "result_to_document"]
 
@@ -60,15 +61,9 @@ class EDJERetriever(BaseRetriever):
     rerank_k: int = 100
     filter: Any = None
 
-    def _get_relevant_documents(
-        self,
-        query: str,
-        *,
-        run_manager: CallbackManagerForRetrieverRun,
-        k: Optional[int] = None,
-        rerank_k: Optional[int] = None,
-        filter: Any = None,
-    ) -> list[Document]:
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                k: Optional[int] = None, rerank_k: Optional[int] = None, filter: Any = None
+                                ) -> list[Document]:
         results = self.retriever.search(
             query,
             k=self.k if k is None else k,
@@ -77,15 +72,9 @@ class EDJERetriever(BaseRetriever):
         )
         return [result_to_document(r) for r in results]
 
-    async def _aget_relevant_documents(
-        self,
-        query: str,
-        *,
-        run_manager: AsyncCallbackManagerForRetrieverRun,
-        k: Optional[int] = None,
-        rerank_k: Optional[int] = None,
-        filter: Any = None,
-    ) -> list[Document]:
+    async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
+                                       k: Optional[int] = None, rerank_k: Optional[int] = None, filter: Any = None
+                                       ) -> list[Document]:
         # The model runs on CPU/GPU outside the event loop; the Retriever is thread-safe.
         return await asyncio.to_thread(
             self._get_relevant_documents,
@@ -130,7 +119,7 @@ class EDJEReranker(BaseDocumentCompressor):
                 len(missing), self.retriever.collection, ", ".join(str(ids[i]) for i in missing),
             )
             for i in missing:
-                out.append(docs[i].model_copy(update={"metadata": {**docs[i].metadata, "relevance_score": None}}))
+                out.append(docs[i].model_copy(update={METADATA_KEY: {**docs[i].metadata, "relevance_score": None}}))
         return out[: self.top_n] if self.top_n else out
 
     async def acompress_documents(
@@ -168,14 +157,6 @@ def _point_id(doc: Document, position: int) -> str:
 
 
 def _with_scores(doc: Document, r: SearchResult) -> Document:
-    meta = dict(doc.metadata)
-    meta.update(  # relevance_score is LangChain's name for what the list is sorted by: our ``score``
-        relevance_score=r.score,
-        score=r.score,
-        first_stage_score=r.first_stage_score,
-        rerank_score=r.rerank_score,
-        point_id=r.id,
-    )
-    if r.flags:
-        meta["edje_flags"] = list(r.flags)
-    return doc.model_copy(update={"metadata": meta})
+    # relevance_score is LangChain's name for what the list is sorted by: our ``score``
+    meta = {**doc.metadata, "relevance_score": r.score, **score_metadata(r)}
+    return doc.model_copy(update={METADATA_KEY: meta})  # our payload layout uses LangChain's field names

@@ -8,6 +8,7 @@ Install with ``pip install 'edje-qdrant[llamaindex]'`` (from a checkout: ``pip i
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, List, Optional
 
@@ -23,13 +24,14 @@ from pydantic import Field  # noqa: E402
 from edje_qdrant.errors import InputError  # noqa: E402
 from edje_qdrant.integrations import canonical_id, rerank_point_ids, result_metadata  # noqa: E402
 from edje_qdrant.retriever import Retriever, SearchResult  # noqa: E402
+from edje_qdrant.schema import MIME_KEY, SHA256_KEY  # noqa: E402
 
 __all__ = ["EDJERetriever", "EDJEReranker", "result_to_node"]
 
 log = logging.getLogger(__name__)
 
 # metadata that describes the ranking, not the image: kept out of what an LLM or an embedder reads
-_SCORE_METADATA = ["point_id", "score", "first_stage_score", "rerank_score", "edje_flags", "sha256"]
+_SCORE_METADATA = ["point_id", "score", "first_stage_score", "rerank_score", "edje_flags", SHA256_KEY]
 
 
 def result_to_node(result: SearchResult) -> NodeWithScore:
@@ -38,7 +40,7 @@ def result_to_node(result: SearchResult) -> NodeWithScore:
         id_=result.id,
         text=result.page_content,
         image_path=result.path,
-        image_mimetype=result.metadata.get("mime"),
+        image_mimetype=result.metadata.get(MIME_KEY),
         metadata=result_metadata(result),
         excluded_llm_metadata_keys=list(_SCORE_METADATA),
         excluded_embed_metadata_keys=list(_SCORE_METADATA),
@@ -49,14 +51,8 @@ def result_to_node(result: SearchResult) -> NodeWithScore:
 class EDJERetriever(BaseRetriever):
     """LlamaIndex retriever over ``Retriever.search`` (first stage on ``clip``, then EDJE re-ranking)."""
 
-    def __init__(
-        self,
-        retriever: Retriever,
-        k: int = 4,
-        rerank_k: int = 100,
-        filter: Any = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, retriever: Retriever, k: int = 4, rerank_k: int = 100, filter: Any = None,
+                 **kwargs: Any) -> None:
         self.retriever = retriever
         self.k = k
         self.rerank_k = rerank_k
@@ -68,8 +64,6 @@ class EDJERetriever(BaseRetriever):
         return [result_to_node(r) for r in results]
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
-        import asyncio
-
         return await asyncio.to_thread(self._retrieve, query_bundle)
 
 

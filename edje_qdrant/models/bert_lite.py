@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from edje_qdrant.errors import ModelError
+from edje_qdrant.models import uninitialised
 
 
 @dataclass
@@ -47,29 +49,13 @@ class LiteBertConfig:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
 
-# Layers without random initialisation: every weight is replaced from the file right after (see load_lite_bert).
-class _Linear(nn.Linear):
-    def reset_parameters(self) -> None:
-        pass
-
-
-class _Embedding(nn.Embedding):
-    def reset_parameters(self) -> None:
-        pass
-
-
-class _LayerNorm(nn.LayerNorm):
-    def reset_parameters(self) -> None:
-        pass
-
-
 class _Embeddings(nn.Module):
     def __init__(self, c: LiteBertConfig) -> None:
         super().__init__()
-        self.word_embeddings = _Embedding(c.vocab_size, c.hidden_size)
-        self.position_embeddings = _Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = _Embedding(c.type_vocab_size, c.hidden_size)
-        self.LayerNorm = _LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.word_embeddings = uninitialised.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = uninitialised.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = uninitialised.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = uninitialised.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -82,14 +68,14 @@ class _Embeddings(nn.Module):
 class _SelfProjections(nn.Module):  # keys: attention.self.{query,key,value}
     def __init__(self, d: int) -> None:
         super().__init__()
-        self.query, self.key, self.value = _Linear(d, d), _Linear(d, d), _Linear(d, d)
+        self.query, self.key, self.value = uninitialised.Linear(d, d), uninitialised.Linear(d, d), uninitialised.Linear(d, d)
 
 
 class _DenseNorm(nn.Module):  # keys: *.dense, *.LayerNorm
     def __init__(self, d_in: int, d: int, eps: float, p: float) -> None:
         super().__init__()
-        self.dense = _Linear(d_in, d)
-        self.LayerNorm = _LayerNorm(d, eps=eps)
+        self.dense = uninitialised.Linear(d_in, d)
+        self.LayerNorm = uninitialised.LayerNorm(d, eps=eps)
         self.dropout = nn.Dropout(p)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -119,7 +105,7 @@ class _Attention(nn.Module):
 class _Intermediate(nn.Module):
     def __init__(self, c: LiteBertConfig) -> None:
         super().__init__()
-        self.dense = _Linear(c.hidden_size, c.intermediate_size)
+        self.dense = uninitialised.Linear(c.hidden_size, c.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(x))
@@ -146,7 +132,7 @@ class _Encoder(nn.Module):
 class _Pooler(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()
-        self.dense = _Linear(d, d)
+        self.dense = uninitialised.Linear(d, d)
 
 
 @dataclass
@@ -181,8 +167,6 @@ def load_lite_bert(directory: Path, num_layers: int | None = None) -> LiteBert:
 
     Modules are built without random initialisation and take the file's tensors as they are (no copy).
     """
-    from safetensors.torch import load_file
-
     config = LiteBertConfig.from_json(directory / "config.json")
     if num_layers is not None:
         config.num_hidden_layers = num_layers

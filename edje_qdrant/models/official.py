@@ -1,4 +1,4 @@
-"""Official EDJE checkpoints -> ``EdjeReranker`` (strict), and conversion to the project's compact format.
+"""Official EDJE checkpoints -> ``FullJointReranker`` (strict), and conversion to the project's compact format.
 
 Accepted sources: the training checkpoint (``torch.save({'model': state_dict, ...})``), a bare state dict
 (``.pth``/``.pt``/``.bin``/``.ckpt`` read with ``torch.load(weights_only=True)`` only, never unpickled otherwise),
@@ -31,11 +31,12 @@ from safetensors.torch import load_file
 
 from edje_qdrant.errors import CheckpointKeyError, ModelError
 from edje_qdrant.models import model_dir
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.full_joint import FullJointConfig, FullJointReranker
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_HUB_REPO = "shahafw/edje-vl-image-retrieval-reranker"
+CONVERTED_FROM = "source"  # the field of a converted folder's config.json naming the checkpoint it came from
 
 _RENAMES = (
     ("vision_projection.", "adapter."),
@@ -116,7 +117,7 @@ def _pick_hub_file(files: list[str]) -> list[str]:
 def _download(repo_id: str, revision: str | None) -> list[Path]:
     looked = f"*.safetensors or a single {'/'.join('*' + s for s in _PICKLE_SUFFIXES)} file"
     try:
-        import huggingface_hub
+        import huggingface_hub  # cost: the hub client, only when a checkpoint is downloaded
     except ImportError as exc:
         raise ModelError(f"{repo_id!r} is not a local file or directory, and downloading it needs "
                          "huggingface_hub (pip install huggingface_hub)") from exc
@@ -202,12 +203,12 @@ def _int_or(cfg: dict[str, Any], *path: str) -> Any:
 
 
 def _overrides(config: dict[str, Any] | None) -> dict[str, Any]:
-    """Accept our ``RerankerConfig`` fields or the compat/official config layout (vision/bert sections)."""
+    """Accept our ``FullJointConfig`` fields or the compat/official config layout (vision/bert sections)."""
     if not config:
         return {}
     if "reranker" in config and isinstance(config["reranker"], dict):
         config = config["reranker"]
-    out = {k: v for k, v in config.items() if k in RerankerConfig.__dataclass_fields__}
+    out = {k: v for k, v in config.items() if k in FullJointConfig.__dataclass_fields__}
     mapping = {
         "vision_heads": ("vision", "num_attention_heads"), "vision_eps": ("vision", "layer_norm_eps"),
         "num_heads": ("bert", "num_attention_heads"), "layer_norm_eps": ("bert", "layer_norm_eps"),
@@ -223,7 +224,7 @@ def _overrides(config: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def reranker_config_from_official(edje: dict[str, torch.Tensor], config: dict[str, Any] | None = None,
-                                  mlm_head: bool = False) -> RerankerConfig:
+                                  mlm_head: bool = False) -> FullJointConfig:
     """Sizes from the checkpoint's shapes; heads, eps and ids from ``config`` or the known real models."""
     if "vision_projection.0.weight" in edje:
         raise ModelError("checkpoint uses the MLP vision projection (num_compressed_tokens=None, 576 image tokens); "
@@ -267,7 +268,7 @@ def reranker_config_from_official(edje: dict[str, torch.Tensor], config: dict[st
             raise ModelError(f"cannot tell the joint encoder's attention heads for hidden size {hidden}; pass "
                              "a config with bert.num_attention_heads (or num_heads)")
         vals["num_heads"] = _KNOWN_BERT_HEADS[hidden]
-    return RerankerConfig.from_dict(vals)
+    return FullJointConfig.from_dict(vals)
 
 
 # ---------------------------------------------------------------- mapping and strict load
@@ -285,7 +286,7 @@ def _dedupe(edje: dict[str, torch.Tensor], canonical: str, copies: tuple[str, ..
     return out
 
 
-def official_to_reranker_state(edje: dict[str, torch.Tensor], model: EdjeReranker) -> dict[str, torch.Tensor]:
+def official_to_reranker_state(edje: dict[str, torch.Tensor], model: FullJointReranker) -> dict[str, torch.Tensor]:
     """Map official EDJE keys onto ``model``'s keys; raise ``CheckpointKeyError`` listing every problem."""
     problems: list[str] = []
     sd = _dedupe(edje, _WORD_EMB, _WORD_EMB_COPIES, problems)
@@ -325,15 +326,15 @@ def official_to_reranker_state(edje: dict[str, torch.Tensor], model: EdjeReranke
 
 def load_official_reranker(source: str | Path | dict[str, torch.Tensor], config: dict[str, Any] | None = None,
                            mlm_head: bool = False, revision: str | None = None
-                           ) -> tuple[EdjeReranker, OfficialCheckpoint]:
-    """Build an ``EdjeReranker`` from an official checkpoint (path, hub id or state dict), strictly."""
+                           ) -> tuple[FullJointReranker, OfficialCheckpoint]:
+    """Build a ``FullJointReranker`` from an official checkpoint (path, hub id or state dict), strictly."""
     if isinstance(source, dict):
         state, where = _unwrap(source, "state dict"), "state dict"
     else:
         state, where = read_state_dict(source, revision)
     ckpt = split_official(state, where)
     cfg = reranker_config_from_official(ckpt.edje, config, mlm_head)
-    model = EdjeReranker(cfg)
+    model = FullJointReranker(cfg)
     try:
         sd = official_to_reranker_state(ckpt.edje, model)
     except CheckpointKeyError as exc:
@@ -345,7 +346,7 @@ def load_official_reranker(source: str | Path | dict[str, torch.Tensor], config:
     return model.eval(), ckpt
 
 
-def reranker_to_official_state(model: EdjeReranker, text_projection_dim: int | None = None
+def reranker_to_official_state(model: FullJointReranker, text_projection_dim: int | None = None
                                ) -> dict[str, torch.Tensor]:
     """Inverse mapping: our reranker -> official key names, with the tied copies written out (for export/tests).
 
@@ -367,11 +368,11 @@ def reranker_to_official_state(model: EdjeReranker, text_projection_dim: int | N
 
 
 # ---------------------------------------------------------------- compact format
-def save_compact(model: EdjeReranker, dst_dir: str | Path, preset: str, fp16: bool = False,
+def save_compact(model: FullJointReranker, dst_dir: str | Path, preset: str, fp16: bool = False,
                  extra: dict[str, Any] | None = None) -> Path:
     """Write a model folder (``model_dir`` format) holding this reranker (adapter, joint encoder, head); the
     towers come from ``preset``."""
-    cfg = {**model.config.to_dict(), "mlm_head": False, "kind": "edje"}
+    cfg = {**model.to_config(), "mlm_head": False}
     dtype = torch.float16 if fp16 else torch.float32
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")}
     config = {"preset": preset, "dtype": str(dtype).split(".")[-1], "reranker": cfg, **(extra or {})}
@@ -382,4 +383,4 @@ def convert_official(src: str | Path, dst_dir: str | Path, fp16: bool = False,
                      preset: str = "siglip2-l16-384-edje", config: dict[str, Any] | None = None) -> Path:
     """Official checkpoint -> compact directory loadable by ``load_model(dst_dir)`` (towers from ``preset``)."""
     model, ckpt = load_official_reranker(src, config)
-    return save_compact(model, dst_dir, preset, fp16, extra={"source": ckpt.source})
+    return save_compact(model, dst_dir, preset, fp16, extra={CONVERTED_FROM: ckpt.source})

@@ -1,112 +1,76 @@
 """Named presets and the one factory ``load_model(name_or_path)``.
 
-A preset is a function ``factory(spec: PresetSpec) -> EdjeModel`` registered under a name. It builds towers and
-reranker on the CPU in float32 (``fingerprint`` may be left empty); ``load_model`` then loads any weights from a
-local directory, puts everything in eval mode on the device, and computes the fingerprint.
+A preset (``preset.Preset``) is a function ``build(spec: PresetSpec) -> EdjeModel`` under a name. It builds towers
+and reranker on the CPU in float32 (``fingerprint`` may be left empty); ``load_model`` then loads any weights from a
+local directory, puts everything in eval mode on the device, and computes the fingerprint. The bundled presets are
+the ``PRESET`` of their modules (``_BUILTIN``); others are added with ``register_preset``.
 
 A model folder (``models/model_dir.py``: config.json + weights.safetensors) works like a preset name: its config
 names the preset and may hold preset options and a ``"reranker"`` section; the factory builds that reranker
-(``build_reranker(spec, default)``) and ``load_model`` overlays the folder's weights with the one loader. A preset
-may ship its own folder (``register_preset(..., folder=)``); loading its name loads that folder.
+(``preset.build_reranker``) and ``load_model`` overlays the folder's weights with the one loader. A preset may ship
+its own folder (``Preset.folder``); loading its name loads that folder.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from edje_qdrant.errors import InputError, ModelError
-from edje_qdrant.models import model_dir
-from edje_qdrant.models import fingerprint_cache
+from edje_qdrant.models import fingerprint_cache, model_dir
 from edje_qdrant.models.base import EdjeModel
 from edje_qdrant.models.deferred import DeferredTower
 from edje_qdrant.models.device import resolve_device, resolve_precision
 from edje_qdrant.models.model_dir import WEIGHTS_FILE
-
-if TYPE_CHECKING:  # reranker imports transformers (seconds); loaded only by the presets that use it
-    from edje_qdrant.models.reranker import RerankerConfig
+from edje_qdrant.models.preset import ALL_PARTS, Preset, PresetFactory, PresetSpec, SourcesFn
 
 log = logging.getLogger(__name__)
 
-ALL_PARTS = frozenset({"vision", "text", "reranker"})
+__all__ = ["PresetSpec", "available_presets", "fingerprint", "load_model", "register_preset", "state_digest"]
 
-
-
-@dataclass
-class PresetSpec:
-    """What a preset factory is asked to build."""
-
-    name: str  # preset name
-    config: dict[str, Any] = field(default_factory=dict)  # options from a directory's config.json ({} for a name)
-    directory: Path | None = None  # the local model directory, when loading from one
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # final device (build on CPU)
-    precision: str = "fp32"
-    # parts the caller will use ("vision", "text", "reranker"); a factory may defer the others (see load_model)
-    parts: frozenset[str] = ALL_PARTS
-
-    @property
-    def reranker_config(self) -> "RerankerConfig | None":
-        """The folder's full-joint reranker config (None without one, or for another kind)."""
-        section = self.config.get("reranker")
-        if not isinstance(section, dict) or section.get("kind", "edje") != "edje":
-            return None
-        from edje_qdrant.models.reranker import RerankerConfig
-
-        return RerankerConfig.from_dict({k: v for k, v in section.items() if k != "kind"})
-
-
-PresetFactory = Callable[[PresetSpec], EdjeModel]
-SourcesFn = Callable[[PresetSpec], Sequence[Path]]
-_PRESETS: dict[str, PresetFactory] = {}
-_PRESET_DIRS: dict[str, Path] = {}
-_SOURCES: dict[str, SourcesFn] = {}
-# Bundled presets and the module that registers each (imported on first use: each pulls in its own libraries).
+_PRESETS: dict[str, Preset] = {}
+# Bundled presets and the module that defines each (``PRESET``), imported on first use: each pulls in its own
+# libraries (transformers, onnx...), which loading another preset must not pay for.
 _BUILTIN = {"tiny-random": "tiny", "siglip2-l16-384-edje": "siglip2", "flickr8k-dinov2s-minilm6": "flickr8k_preset"}
 
 
 def register_preset(name: str, factory: PresetFactory, folder: Path | None = None,
                     sources: SourcesFn | None = None) -> None:
-    """Register ``factory`` under ``name`` (re-registering the same name replaces it).
-
-    ``folder``: a model folder shipped with the preset; loading the name loads that folder. ``sources(spec)``:
-    the files that fully determine the weights; with it the fingerprint is cached (``fingerprint_cache``), so a
-    factory may defer towers the caller does not need (``PresetSpec.parts``).
-    """
+    """Register ``factory`` under ``name`` (re-registering the same name replaces it); ``folder`` and ``sources``
+    as in ``preset.Preset``."""
     if not name or "/" in name:
         raise InputError(f"preset name {name!r} must be non-empty and contain no '/'")
-    _PRESETS[name] = factory
-    for table, value in ((_PRESET_DIRS, folder), (_SOURCES, sources)):
-        if value is None:
-            table.pop(name, None)
-        else:
-            table[name] = value
+    _PRESETS[name] = Preset(name, factory, folder, sources)
 
 
-def _import_preset_module(mod: str) -> None:
-    import importlib
-
+def _import_builtin(mod: str) -> None:
+    """Import a bundled preset module and register its ``PRESET`` (a module whose optional libraries are missing
+    is skipped)."""
     try:
-        importlib.import_module(f"edje_qdrant.models.{mod}")
+        module = importlib.import_module(f"edje_qdrant.models.{mod}")
     except ImportError as exc:  # a preset module that is absent or whose optional deps are missing
         if getattr(exc, "name", "") not in (f"edje_qdrant.models.{mod}",):
             log.debug("preset module %s not available: %s", mod, exc)
+        return
+    preset = module.PRESET
+    _PRESETS.setdefault(preset.name, preset)
 
 
 def _ensure_builtin() -> None:
-    """Import the modules that register the bundled presets (each registers itself on import)."""
+    """Register the bundled presets."""
     for mod in dict.fromkeys(_BUILTIN.values()):
-        _import_preset_module(mod)
+        _import_builtin(mod)
 
 
 def _has_preset(name: str) -> bool:
     """Whether ``name`` is registered, importing only its own bundled module when needed."""
     if name not in _PRESETS and name in _BUILTIN:
-        _import_preset_module(_BUILTIN[name])
+        _import_builtin(_BUILTIN[name])
     return name in _PRESETS
 
 
@@ -114,13 +78,6 @@ def available_presets() -> list[str]:
     """Sorted names accepted by ``load_model``."""
     _ensure_builtin()
     return sorted(_PRESETS)
-
-
-def build_reranker(spec: PresetSpec, default: Callable[[], nn.Module]) -> nn.Module:
-    """The reranker a factory should use: the kind and shape of the folder's config when it has one (weights are
-    loaded afterwards by ``load_model``), else ``default()``."""
-    section = spec.config.get("reranker")
-    return model_dir.reranker_from_config(section) if isinstance(section, dict) else default()
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -176,7 +133,7 @@ def _load_dir_weights(model: EdjeModel, directory: Path, config: dict[str, Any])
         if not state:
             continue
         module = targets[part]
-        base = model.base_weights.get(part, ()) + (("mlm.",) if part == "reranker" else ())
+        base = model.reranker.optional_weights() if part == "reranker" else model.base_weights.get(part, ())
         if isinstance(module, DeferredTower):  # loads its weights when first built
             module.after_build(lambda tower, state=state, part=part, base=base:
                                model_dir.load_part(tower, state, f"{path} ({part})", base))
@@ -215,7 +172,7 @@ def load_model(name_or_path: str, device: str | None = None, precision: str | No
     known = fingerprint_cache.get(cache_key) if cache_key else None
     if known is not None:
         spec.parts = wanted  # the fingerprint is known: towers nobody asked for may load on first use
-    model = _PRESETS[name](spec)
+    model = _PRESETS[name].build(spec)
     if directory is not None:
         _load_dir_weights(model, directory, config)
     for part in (model.vision, model.text, model.reranker):
@@ -236,7 +193,7 @@ def load_model(name_or_path: str, device: str | None = None, precision: str | No
 
 
 def _cache_key(spec: PresetSpec) -> str | None:
-    sources = _SOURCES.get(spec.name)
+    sources = _PRESETS[spec.name].sources
     if sources is None:
         return None
     try:
@@ -249,7 +206,7 @@ def _resolve(name_or_path: str) -> tuple[str, Path | None, dict[str, Any]]:
     """(preset name, model folder or None, its config) for a preset name or a model folder path."""
     if _has_preset(str(name_or_path)):
         name = str(name_or_path)
-        directory = _PRESET_DIRS.get(name)
+        directory = _PRESETS[name].folder
         return name, directory, model_dir.read_config(directory, _PRESETS) if directory is not None else {}
     path = Path(str(name_or_path)).expanduser()
     if path.is_dir():

@@ -30,9 +30,9 @@ from tokenizers import Tokenizer
 
 from edje_qdrant.errors import CheckpointKeyError, ModelError
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.models.official import OFFICIAL_HUB_REPO, load_official_reranker
-from edje_qdrant.models.registry import PresetSpec, register_preset
-from edje_qdrant.models.reranker import EdjeReranker
+from edje_qdrant.models.official import OFFICIAL_HUB_REPO, OfficialCheckpoint, load_official_reranker
+from edje_qdrant.models.preset import Preset, PresetSpec, build_reranker
+from edje_qdrant.models.seeded_init import seeded_init_
 from edje_qdrant.models.tokenization import bert_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _hub_error(what: str, exc: Exception) -> ModelError:
 
 
 def _load_siglip_from_hub() -> tuple[nn.Module, Any]:
-    from transformers import AutoTokenizer, SiglipModel
+    from transformers import AutoTokenizer, SiglipModel  # cost: transformers' SigLIP classes
 
     try:
         model = SiglipModel.from_pretrained(SIGLIP_REPO)
@@ -106,9 +106,7 @@ def _load_siglip_from_hub() -> tuple[nn.Module, Any]:
 
 
 def _build_small_siglip(spec: PresetSpec) -> tuple[nn.Module, Any]:
-    from transformers import AutoTokenizer, SiglipConfig, SiglipModel
-
-    from edje_qdrant.models.tiny import seeded_init_
+    from transformers import AutoTokenizer, SiglipConfig, SiglipModel  # cost: transformers' SigLIP classes
 
     try:
         cfg = SiglipConfig(**spec.config["siglip"])
@@ -141,30 +139,37 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> N
     module.load_state_dict({k: v.float() for k, v in sd.items()})
 
 
+def _load_official_towers(siglip: nn.Module, ckpt: OfficialCheckpoint) -> nn.Module | None:
+    """Load the checkpoint's SigLIP copies into the towers; returns its own vision encoder when it differs from the
+    dual encoder's (else None: one forward gives both outputs)."""
+    if ckpt.clip:
+        _load_strict(siglip, ckpt.clip, f"{ckpt.source}: clip.* (SigLIP dual encoder)")
+    if not ckpt.vision_encoder:
+        return None
+    from transformers import SiglipVisionModel  # cost: transformers' SigLIP classes, only for this checkpoint
+
+    patch_model = SiglipVisionModel(siglip.config.vision_config)
+    _load_strict(patch_model, ckpt.vision_encoder, f"{ckpt.source}: vision_encoder.*")
+    a, b = patch_model.state_dict(), siglip.vision_model.state_dict()
+    if set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a):
+        return None  # identical copy
+    return patch_model
+
+
 def build(spec: PresetSpec) -> EdjeModel:
-    """Factory: small random towers from a directory's ``siglip`` config, else the real hub models."""
-    ckpt = None
+    """Factory: small random towers from a directory's ``siglip`` config, else the real hub models; the reranker
+    of the folder's ``"reranker"`` section, else the official checkpoint (whose SigLIP copies then set the towers)."""
     if "siglip" in spec.config:
         siglip, tokenizer = _build_small_siglip(spec)
     else:
         siglip, tokenizer = _load_siglip_from_hub()
     patch_model = None
-    reranker_cfg = spec.reranker_config
-    if reranker_cfg is not None:
-        reranker = EdjeReranker(reranker_cfg)
+    if spec.reranker_section is not None:
+        reranker = build_reranker(spec)
     else:
         reranker, ckpt = load_official_reranker(spec.config.get("checkpoint", OFFICIAL_HUB_REPO),
                                                 spec.config.get("official_config"))
-        if ckpt.clip:
-            _load_strict(siglip, ckpt.clip, f"{ckpt.source}: clip.* (SigLIP dual encoder)")
-        if ckpt.vision_encoder:
-            from transformers import SiglipVisionModel
-
-            patch_model = SiglipVisionModel(siglip.config.vision_config)
-            _load_strict(patch_model, ckpt.vision_encoder, f"{ckpt.source}: vision_encoder.*")
-            a, b = patch_model.state_dict(), siglip.vision_model.state_dict()
-            if set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a):
-                patch_model = None  # identical copy: one forward gives both outputs
+        patch_model = _load_official_towers(siglip, ckpt)
     vcfg = siglip.config.vision_config
     if reranker.config.vision_width != vcfg.hidden_size:
         raise ModelError(f"{NAME}: reranker expects vision width {reranker.config.vision_width}, the SigLIP "
@@ -179,4 +184,4 @@ def build(spec: PresetSpec) -> EdjeModel:
                      fingerprint="", image_batch_size=16)
 
 
-register_preset(NAME, build)
+PRESET = Preset(NAME, build)

@@ -15,8 +15,9 @@ from torch.nn import functional as F
 from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
 
 from edje_qdrant.models.base import EdjeModel
-from edje_qdrant.models.registry import PresetSpec, build_reranker, register_preset
-from edje_qdrant.models.reranker import EdjeReranker, RerankerConfig
+from edje_qdrant.models.full_joint import FullJointConfig, FullJointReranker
+from edje_qdrant.models.preset import Preset, PresetSpec, build_reranker
+from edje_qdrant.models.seeded_init import seeded_init_
 from edje_qdrant.models.tokenization import bert_text_tokenizer
 
 NAME = "tiny-random"
@@ -29,24 +30,10 @@ _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 
 
-def reranker_config() -> RerankerConfig:
+def reranker_config() -> FullJointConfig:
     """Joint encoder sizes of the tiny preset (m = 64, d = 384)."""
-    return RerankerConfig(vision_width=VISION_WIDTH, vision_heads=4, num_tokens=64, adapter_hidden=128,
-                          hidden_size=384, num_layers=2, num_heads=6, intermediate_size=512)
-
-
-def seeded_init_(module: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
-    """Overwrite every parameter from a private generator: norms/scales ~ 1 + N(0, 0.02²), the rest N(0, std²)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            leaf = name.rsplit(".", 1)[-1]
-            if p.dim() == 1 and (leaf == "weight" or "lambda" in leaf):  # LayerNorm / layer-scale
-                p.copy_(1.0 + 0.02 * noise)
-            else:
-                p.copy_(std * noise)
-    return module
+    return FullJointConfig(vision_width=VISION_WIDTH, vision_heads=4, num_tokens=64, adapter_hidden=128,
+                           hidden_size=384, num_layers=2, num_heads=6, intermediate_size=512)
 
 
 class TinyVisionTower(nn.Module):
@@ -97,9 +84,9 @@ def build(spec: PresetSpec) -> EdjeModel:
     seed = int(spec.config.get("seed", 0))
     vision = seeded_init_(TinyVisionTower(), seed + 1).eval()
     text = seeded_init_(TinyTextTower(), seed + 2).eval()
-    reranker = build_reranker(spec, lambda: seeded_init_(EdjeReranker(reranker_config()), seed + 3))
+    reranker = build_reranker(spec, lambda: seeded_init_(FullJointReranker(reranker_config()), seed + 3))
     return EdjeModel(name=NAME, vision=vision, text=text, reranker=reranker.eval(), clip_dim=CLIP_DIM,
                      fingerprint="", image_batch_size=16)
 
 
-register_preset(NAME, build)
+PRESET = Preset(NAME, build)

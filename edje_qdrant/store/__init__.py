@@ -10,8 +10,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from edje_qdrant.errors import InputError, StoreError
-from edje_qdrant.rules import FILTER_KEYS
-from edje_qdrant.store._common import redact_url
+from edje_qdrant.store.checks import redact_url
+from edje_qdrant.store.filters import FILTER_KEYS
 from edje_qdrant.store.base import CollectionSpec, Hit, PointRecord, Store
 from edje_qdrant.store.edge import EdgeStore
 
@@ -36,7 +36,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "ClientStore":
-        from edje_qdrant.store.server import ClientStore
+        from edje_qdrant.store.server import ClientStore  # cost: qdrant-client takes seconds to import
 
         return ClientStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -61,9 +61,9 @@ def open_store(path: Any = None, url: str | None = None, api_key: str | None = N
             raise InputError("shards, replication and on-disk options apply to a Qdrant server: pass --url "
                              "(QDRANT_URL); the embedded store is one local shard")
         return EdgeStore(os.fspath(path) if path is not None else DEFAULT_PATH, create=create)
-    from qdrant_client import QdrantClient
+    from qdrant_client import QdrantClient  # cost: as above, only for a server or local mode
 
-    from edje_qdrant.store.server import ClientStore
+    from edje_qdrant.store.server import ClientStore  # cost: qdrant-client takes seconds to import
 
     if url == ":memory:":
         return ClientStore(QdrantClient(location=":memory:"), collection_options=collection_options)
@@ -80,7 +80,7 @@ def _from_object(obj: Any) -> Store:
     """An open QdrantClient (wrapped) or anything that already speaks the Store protocol."""
     client_module = sys.modules.get("qdrant_client")  # not imported yet: obj cannot be a client (import is slow)
     if client_module is not None and isinstance(obj, client_module.QdrantClient):
-        from edje_qdrant.store.server import ClientStore
+        from edje_qdrant.store.server import ClientStore  # cost: qdrant-client takes seconds to import
 
         return ClientStore(obj)
     if hasattr(obj, "query") and hasattr(obj, "open_collection"):

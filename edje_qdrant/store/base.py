@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
+from edje_qdrant.codec import codec_name
+
 if TYPE_CHECKING:
     from edje_qdrant.errors import StoreError
 
@@ -23,6 +25,13 @@ class CollectionSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CollectionSpec":
         return cls(dim=int(d["dim"]), model=str(d["model"]), fingerprint=str(d["fingerprint"]), codec=str(d["codec"]))
+
+
+def collection_spec(model: Any, dtype: str) -> CollectionSpec:
+    """The spec a collection needs for ``model`` (an ``EdjeModel``: its name, fingerprint, vector width and token
+    shape) with tokens stored as ``dtype``."""
+    return CollectionSpec(dim=int(model.clip_dim), model=str(model.name), fingerprint=str(model.fingerprint),
+                          codec=codec_name(dtype, (int(model.num_tokens), int(model.token_dim))))
 
 
 @dataclass

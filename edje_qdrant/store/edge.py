@@ -24,19 +24,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import qdrant_edge as qe
 
 from edje_qdrant.errors import StoreError, StoreLockedError
-from edje_qdrant.rules import VECTOR_NAME, canonical_id, canonical_ids
-from edje_qdrant.store._common import (
-    check_collection_name,
-    check_limit,
-    check_spec,
-    check_vector,
-    clip_vector,
-    missing_collection,
-    payload_selector,
-    verify_spec,
-)
+from edje_qdrant.schema import (CAMERA_MODEL_KEY, FOLDER_KEY, MIME_KEY, TAKEN_AT_KEY, VECTOR_NAME, canonical_id,
+                                canonical_ids, metadata_field)
+from edje_qdrant.store import checks
 from edje_qdrant.store.base import CollectionSpec, Hit, PointRecord
-from edje_qdrant.store.filters import to_edge_filter
+from edje_qdrant.store.edge_filters import to_edge_filter
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +39,10 @@ _FORMAT = 1
 # The most used filter fields, indexed so filtered search stays fast on big collections (each index
 # costs ~0.15 s at creation, so only these; other fields are filtered by a scan, same results).
 _INDEXES = {
-    "metadata.folder": "Keyword",
-    "metadata.mime": "Keyword",
-    "metadata.camera_model": "Keyword",
-    "metadata.taken_at": "Datetime",
+    metadata_field(FOLDER_KEY): "Keyword",
+    metadata_field(MIME_KEY): "Keyword",
+    metadata_field(CAMERA_MODEL_KEY): "Keyword",
+    metadata_field(TAKEN_AT_KEY): "Datetime",
 }
 
 
@@ -87,7 +79,7 @@ class EdgeStore:
     # ------------------------------------------------------------------ collection record
 
     def _dir(self, name: str) -> Path:
-        return self.path / check_collection_name(name)
+        return self.path / checks.check_collection_name(name)
 
     def get_spec(self, name: str) -> CollectionSpec | None:
         """The recorded spec, or None when the collection does not exist."""
@@ -108,12 +100,12 @@ class EdgeStore:
 
     def open_collection(self, name: str, spec: CollectionSpec, create: bool = True) -> None:
         """Create the collection (if allowed) or verify it was built with ``spec``; else ModelMismatchError."""
-        check_spec(spec)
+        checks.check_spec(spec)
         with self._cond:
             self._check_open()
             recorded = self.get_spec(name)
             if recorded is not None:
-                verify_spec(name, f"store {self.path}", recorded, spec)
+                checks.verify_spec(name, f"store {self.path}", recorded, spec)
                 if name not in self._collections:
                     self._collections[name] = self._load(name, recorded)
                 return
@@ -140,7 +132,7 @@ class EdgeStore:
 
     def missing_collection(self, name: str) -> StoreError:
         """The error for a collection this store does not hold, naming those it does."""
-        return missing_collection(name, f"store {self.path}", self.collections(), "--store")
+        return checks.missing_collection(name, f"store {self.path}", self.collections(), "--store")
 
     _missing = missing_collection
 
@@ -222,7 +214,7 @@ class EdgeStore:
         with self._use(name) as coll:
             dim = coll.spec.dim
             edge_points = [
-                qe.Point(canonical_id(p.id), {VECTOR_NAME: check_vector(p.vector, dim, f"point {p.id}")},
+                qe.Point(canonical_id(p.id), {VECTOR_NAME: checks.check_vector(p.vector, dim, f"point {p.id}")},
                          dict(p.payload or {}))
                 for p in points
             ]
@@ -247,11 +239,11 @@ class EdgeStore:
         self, name: str, vector: Sequence[float], limit: int, payload_keys: list[str] | None, filter: Any = None
     ) -> list[Hit]:
         """Cosine search on ``clip``, best first, payload restricted to ``payload_keys`` in the same call."""
-        check_limit(limit)
+        checks.check_limit(limit)
         edge_filter = to_edge_filter(filter)
-        selector = payload_selector(payload_keys)
+        selector = checks.payload_selector(payload_keys)
         with self._use(name) as coll:
-            vec = check_vector(vector, coll.spec.dim, "query")
+            vec = checks.check_vector(vector, coll.spec.dim, "query")
             request = qe.QueryRequest(
                 limit=limit,
                 query=qe.Query.Nearest(vec, using=VECTOR_NAME),
@@ -268,10 +260,10 @@ class EdgeStore:
     def retrieve(self, name: str, ids: list[str], payload_keys: list[str] | None, with_vector: bool = False) -> list[Hit]:
         """Points by id (score 0) in the order asked, only those that exist."""
         wanted = canonical_ids(ids)
-        records = self._retrieve(name, list(wanted), payload_selector(payload_keys), with_vector)
+        records = self._retrieve(name, list(wanted), checks.payload_selector(payload_keys), with_vector)
         by_id = {str(r.id): r for r in records}
         return [Hit(id=cid, score=0.0, payload=dict(by_id[cid].payload or {}),
-                    vector=clip_vector(by_id[cid]) if with_vector else None)
+                    vector=checks.clip_vector(by_id[cid]) if with_vector else None)
                 for cid in wanted if cid in by_id]
 
     def existing_ids(self, name: str, ids: Iterable[str]) -> set[str]:
@@ -294,8 +286,8 @@ class EdgeStore:
 
     def scroll(self, name: str, payload_keys: list[str] | None, page_size: int = 1024) -> Iterator[Hit]:
         """Every point (score 0) in id order, ``page_size`` per shard call; payload restricted to ``payload_keys``."""
-        check_limit(page_size)
-        selector = payload_selector(payload_keys)
+        checks.check_limit(page_size)
+        selector = checks.payload_selector(payload_keys)
         offset: Any = None
         while True:
             with self._use(name) as coll:

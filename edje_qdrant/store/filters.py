@@ -1,53 +1,121 @@
-"""Search filters: a qdrant-client ``models.Filter`` (the user-facing type) or a small dict form.
+"""Search filters, both forms: a qdrant-client ``models.Filter`` (the user-facing type) or a small dict form.
 
 The dict form keys map to payload fields written by ingest:
 ``folder`` -> ``metadata.folder``, ``mime`` -> ``metadata.mime``, ``camera`` -> any of ``metadata.camera``,
-``metadata.camera_model``, ``metadata.camera_make`` (a string, or a list meaning "any of");
-``taken_after`` / ``taken_before`` -> a datetime range on
-``metadata.taken_at`` (ISO date or datetime; ``taken_after`` is inclusive, ``taken_before`` exclusive;
-a datetime without a time zone is read as UTC).  ``to_edge_filter`` converts a ``models.Filter`` to
-Qdrant Edge's own filter classes.
+``metadata.camera_model``, ``metadata.camera_make`` (a string, or a non-empty list meaning "any of");
+``taken_after`` / ``taken_before`` -> a datetime range on ``metadata.taken_at`` (ISO date or datetime;
+``taken_after`` is inclusive, ``taken_before`` exclusive; a datetime without a time zone is read as UTC).
+Anything else is a Qdrant Filter (must/should/must_not/min_should).
+
+``filter_from_json`` and ``filter_from_where`` read a filter as JSON data (HTTP) or ``--where`` values (CLI);
+``build_filter`` makes the qdrant-client filter a server store runs, ``edge_filters`` the embedded store's.
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
-import uuid
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from edje_qdrant.errors import InputError
-from edje_qdrant.rules import FILTER_KEYS
+from edje_qdrant.schema import (CAMERA_KEY, CAMERA_MAKE_KEY, CAMERA_MODEL_KEY, FOLDER_KEY, MIME_KEY, TAKEN_AT_KEY,
+                                metadata_field)
 
-_MATCH_FIELDS = {
-    "folder": ("metadata.folder",),
-    "camera": ("metadata.camera", "metadata.camera_model", "metadata.camera_make"),
-    "mime": ("metadata.mime",),
+TAKEN_AFTER, TAKEN_BEFORE = "taken_after", "taken_before"
+FILTER_KEYS = (FOLDER_KEY, TAKEN_AFTER, TAKEN_BEFORE, CAMERA_KEY, MIME_KEY)  # the small form's keys
+FILTER_CLAUSES = ("must", "should", "must_not", "min_should")
+_MATCH_FIELDS = {  # a small-form key -> the payload fields it matches
+    FOLDER_KEY: (metadata_field(FOLDER_KEY),),
+    CAMERA_KEY: tuple(metadata_field(k) for k in (CAMERA_KEY, CAMERA_MODEL_KEY, CAMERA_MAKE_KEY)),
+    MIME_KEY: (metadata_field(MIME_KEY),),
 }
-TAKEN_AT = "metadata.taken_at"
+FILTER_HELP = {  # what each small-form key matches, as the HTTP API documents it
+    FOLDER_KEY: "metadata.folder (repeat for any of)",
+    CAMERA_KEY: "metadata.camera / camera_model / camera_make (repeat for any of)",
+    MIME_KEY: "metadata.mime, e.g. image/jpeg (repeat for any of)",
+    TAKEN_AFTER: "metadata.taken_at >= this ISO date or datetime",
+    TAKEN_BEFORE: "metadata.taken_at < this ISO date or datetime",
+}
+TAKEN_AT = metadata_field(TAKEN_AT_KEY)
 _CLIENT_MODELS = "qdrant_client.http.models.models"  # checked via sys.modules: no import cost on the Edge path
 
 
-def _is_client_filter(obj: Any) -> bool:
+def is_client_filter(obj: Any) -> bool:
+    """Whether ``obj`` is a qdrant-client ``models.Filter`` (without importing qdrant-client)."""
     mod = sys.modules.get(_CLIENT_MODELS)
     return mod is not None and isinstance(obj, mod.Filter)
 
 
-def _bad_type(filter: Any) -> InputError:
+def wrong_filter_type(filter: Any) -> InputError:
+    """The error for a filter that is neither form."""
     return InputError(
         f"filter must be a qdrant_client.models.Filter or a dict with keys {', '.join(FILTER_KEYS)}; "
         f"got {type(filter).__name__}"
     )
 
 
+# --------------------------------------------------------------------------- reading a filter
+def filter_from_json(raw: Any, where: str = "filter") -> Any:
+    """A filter given as JSON data: the small form stays a dict (checked), anything with a Filter clause becomes
+    a ``qdrant_client.models.Filter``. None/empty -> None."""
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, Mapping):
+        raise InputError(f"{where} must be a JSON object: the small form (keys {', '.join(FILTER_KEYS)}) or a "
+                         f"Qdrant Filter ({', '.join(FILTER_CLAUSES[:3])}); got {type(raw).__name__}")
+    if any(key in raw for key in FILTER_CLAUSES):
+        return _client_filter_from_json(raw, where)
+    parse_dict(raw)  # the small form's own checks, with their messages
+    return dict(raw)
+
+
+def _client_filter_from_json(raw: Mapping[str, Any], where: str) -> Any:
+    from pydantic import ValidationError  # cost: pydantic and qdrant-client take seconds to import
+    from qdrant_client import models  # cost: as above
+
+    try:
+        return models.Filter.model_validate(dict(raw))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        at = ".".join(str(p) for p in first.get("loc", ()) if "[" not in str(p))
+        raise InputError(f"{where} is not a valid Qdrant Filter at {at or 'top level'}: {first['msg']}") from None
+
+
+def filter_from_where(items: Iterable[str]) -> Any:
+    """CLI ``--where`` values: ``KEY=VALUE`` pairs (a repeated key means "any of"), or one JSON filter."""
+    items = list(items)
+    if not items:
+        return None
+    if len(items) == 1 and items[0].lstrip().startswith("{"):
+        try:
+            data = json.loads(items[0])
+        except ValueError as exc:
+            raise InputError(f"--where JSON does not parse: {exc}") from None
+        return filter_from_json(data, "--where")
+    form: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--where {item!r} must look like KEY=VALUE (e.g. folder=holidays) or be JSON")
+        if key in form:
+            previous = form[key] if isinstance(form[key], list) else [form[key]]
+            form[key] = previous + [value]
+        else:
+            form[key] = value
+    return filter_from_json(form, "--where")
+
+
+# --------------------------------------------------------------------------- the dict form
 def build_filter(filter: Any) -> Any:
     """Normalise ``None`` / ``models.Filter`` / dict form into a qdrant-client ``models.Filter`` (or None)."""
     if filter is None:
         return None
-    if _is_client_filter(filter):
+    if is_client_filter(filter):
         return filter
     if not isinstance(filter, Mapping):
-        raise _bad_type(filter)
-    from qdrant_client import models
+        raise wrong_filter_type(filter)
+    from qdrant_client import models  # cost: qdrant-client takes seconds to import
 
     must: list[Any] = []
     for kind, fields, a, b in parse_dict(filter):
@@ -80,10 +148,10 @@ def parse_dict(d: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...], Any, An
             parts.append(("match", fields, sorted(value), None))
         else:
             raise InputError(f"filter {key!r} must be a string or a non-empty list of strings, got {value!r}")
-    after, before = d.get("taken_after"), d.get("taken_before")
+    after, before = d.get(TAKEN_AFTER), d.get(TAKEN_BEFORE)
     if after is not None or before is not None:
-        gte = parse_when("taken_after", after) if after is not None else None
-        lt = parse_when("taken_before", before) if before is not None else None
+        gte = parse_when(TAKEN_AFTER, after) if after is not None else None
+        lt = parse_when(TAKEN_BEFORE, before) if before is not None else None
         parts.append(("datetime", (TAKEN_AT,), gte, lt))
     return parts
 
@@ -101,145 +169,3 @@ def parse_when(key: str, value: Any) -> dt.datetime | dt.date:
         except ValueError:
             pass
     raise InputError(f"filter {key!r} must be an ISO date or datetime such as '2024-01-31', got {value!r}")
-
-
-# --------------------------------------------------------------------------- Qdrant Edge conversion
-
-
-def to_edge_filter(filter: Any) -> Any:
-    """Convert a ``models.Filter`` or the dict form into a ``qdrant_edge.Filter``; unsupported parts -> InputError."""
-    if filter is None:
-        return None
-    import qdrant_edge as qe
-
-    if _is_client_filter(filter):
-        return _edge_filter(qe, filter)
-    if not isinstance(filter, Mapping):
-        raise _bad_type(filter)
-    must: list[Any] = []
-    for kind, fields, a, b in parse_dict(filter):
-        if kind == "match":
-            match = qe.MatchValue(a) if isinstance(a, str) else qe.MatchAny(a)
-            conds = [qe.FieldCondition(key=f, match=match) for f in fields]
-            must.append(conds[0] if len(conds) == 1 else qe.Filter(should=conds))
-        else:
-            must.append(qe.FieldCondition(key=fields[0], range=qe.RangeDateTime(gte=_iso(a), lt=_iso(b))))
-    return qe.Filter(must=must) if must else None
-
-
-def _as_list(v: Any) -> list[Any] | None:
-    if v is None:
-        return None
-    return list(v) if isinstance(v, list) else [v]
-
-
-def _edge_filter(qe: Any, f: Any) -> Any:
-    def conds(v: Any) -> list[Any] | None:
-        items = _as_list(v)
-        return None if items is None else [_edge_condition(qe, c) for c in items]
-
-    min_should = None
-    if f.min_should is not None:
-        min_should = qe.MinShould(
-            conditions=[_edge_condition(qe, c) for c in f.min_should.conditions],
-            min_count=f.min_should.min_count,
-        )
-    return qe.Filter(must=conds(f.must), should=conds(f.should), must_not=conds(f.must_not), min_should=min_should)
-
-
-def _edge_condition(qe: Any, c: Any) -> Any:
-    from qdrant_client import models  # already imported: the caller built a models.Filter
-
-    if isinstance(c, models.Filter):
-        return _edge_filter(qe, c)
-    if isinstance(c, models.FieldCondition):
-        return _edge_field(qe, c)
-    if isinstance(c, models.IsEmptyCondition):
-        return qe.IsEmptyCondition(key=c.is_empty.key)
-    if isinstance(c, models.IsNullCondition):
-        return qe.IsNullCondition(key=c.is_null.key)
-    if isinstance(c, models.HasIdCondition):
-        return qe.HasIdCondition(point_ids={_edge_id(i) for i in c.has_id})
-    if isinstance(c, models.HasVectorCondition):
-        return qe.HasVectorCondition(vector=c.has_vector)
-    if isinstance(c, models.NestedCondition):
-        return qe.NestedCondition(key=c.nested.key, filter=_edge_filter(qe, c.nested.filter))
-    if isinstance(c, models.SliceCondition):
-        return qe.SliceCondition(total=c.slice.total, index=c.slice.index)
-    raise InputError(f"filter condition {type(c).__name__} is not supported by the embedded Qdrant Edge store")
-
-
-def _edge_id(i: Any) -> Any:
-    if isinstance(i, int):
-        return i
-    try:
-        return uuid.UUID(str(i))
-    except ValueError:
-        raise InputError(f"has_id filter: {i!r} is not a UUID or unsigned integer point id") from None
-
-
-def _edge_field(qe: Any, c: Any) -> Any:
-    kw: dict[str, Any] = {}
-    if c.match is not None:
-        kw["match"] = _edge_match(qe, c.key, c.match)
-    if c.range is not None:
-        kw["range"] = _edge_range(qe, c.range)
-    if c.geo_radius is not None:
-        kw["geo_radius"] = qe.GeoRadius(center=_geo(qe, c.geo_radius.center), radius=c.geo_radius.radius)
-    if c.geo_bounding_box is not None:
-        box = c.geo_bounding_box
-        kw["geo_bounding_box"] = qe.GeoBoundingBox(
-            top_left=_geo(qe, box.top_left), bottom_right=_geo(qe, box.bottom_right)
-        )
-    if c.geo_polygon is not None:
-        poly = c.geo_polygon
-        interiors = [[_geo(qe, p) for p in ring.points] for ring in poly.interiors] if poly.interiors else None
-        kw["geo_polygon"] = qe.GeoPolygon(exterior=[_geo(qe, p) for p in poly.exterior.points], interiors=interiors)
-    if c.values_count is not None:
-        vc = c.values_count
-        kw["values_count"] = qe.ValuesCount(lt=vc.lt, gt=vc.gt, lte=vc.lte, gte=vc.gte)
-    if c.is_empty is not None:
-        kw["is_empty"] = c.is_empty
-    if c.is_null is not None:
-        kw["is_null"] = c.is_null
-    if not kw:
-        raise InputError(f"filter field condition on {c.key!r} has no match, range, geo or count part")
-    return qe.FieldCondition(key=c.key, **kw)
-
-
-def _geo(qe: Any, p: Any) -> Any:
-    return qe.GeoPoint(lon=p.lon, lat=p.lat)
-
-
-def _edge_match(qe: Any, key: str, m: Any) -> Any:
-    from qdrant_client import models
-
-    if isinstance(m, models.MatchValue):
-        return qe.MatchValue(m.value)
-    if isinstance(m, models.MatchAny):
-        return qe.MatchAny(list(m.any))
-    if isinstance(m, models.MatchExcept):
-        return qe.MatchExcept(list(m.except_))
-    if isinstance(m, models.MatchText):
-        return qe.MatchText(m.text)
-    if isinstance(m, models.MatchTextAny):
-        return qe.MatchTextAny(m.text_any)
-    if isinstance(m, models.MatchPhrase):
-        return qe.MatchPhrase(m.phrase)
-    if isinstance(m, models.MatchPrefix):
-        return qe.MatchPrefix(m.prefix)
-    if isinstance(m, models.MatchSubstring):
-        return qe.MatchSubstring(m.substring)
-    raise InputError(f"filter on {key!r}: match type {type(m).__name__} is not supported by Qdrant Edge")
-
-
-def _edge_range(qe: Any, r: Any) -> Any:
-    from qdrant_client import models
-
-    if isinstance(r, models.DatetimeRange):
-        return qe.RangeDateTime(gte=_iso(r.gte), gt=_iso(r.gt), lte=_iso(r.lte), lt=_iso(r.lt))
-    return qe.RangeFloat(gte=r.gte, gt=r.gt, lte=r.lte, lt=r.lt)
-
-
-def _iso(v: dt.datetime | dt.date | None) -> str | None:
-    return None if v is None else v.isoformat()

@@ -19,18 +19,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from qdrant_client import QdrantClient, models
 
 from edje_qdrant.errors import EdjeError, InputError, StoreError
-from edje_qdrant.rules import SPEC_KEY, VECTOR_NAME, canonical_id, canonical_ids
-from edje_qdrant.store._common import (
-    redact_url,
-    check_collection_name,
-    check_limit,
-    check_spec,
-    check_vector,
-    clip_vector,
-    missing_collection,
-    payload_selector,
-    verify_spec,
-)
+from edje_qdrant.schema import (CAMERA_KEY, CAMERA_MAKE_KEY, CAMERA_MODEL_KEY, FOLDER_KEY, GEO_KEY, MIME_KEY, SPEC_KEY,
+                                TAKEN_AT_KEY, VECTOR_NAME, canonical_id, canonical_ids, metadata_field)
+from edje_qdrant.store import checks
 from edje_qdrant.store.base import CollectionSpec, Hit, PointRecord
 from edje_qdrant.store.filters import build_filter
 
@@ -42,13 +33,10 @@ SPEC_POINT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://edje-qdrant/collecti
 _GRPC_TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
 _HTTP_TRANSIENT = {408, 429, 500, 502, 503, 504}
 _INDEXES = {
-    "metadata.folder": models.PayloadSchemaType.KEYWORD,
-    "metadata.camera": models.PayloadSchemaType.KEYWORD,
-    "metadata.camera_make": models.PayloadSchemaType.KEYWORD,
-    "metadata.camera_model": models.PayloadSchemaType.KEYWORD,
-    "metadata.mime": models.PayloadSchemaType.KEYWORD,
-    "metadata.taken_at": models.PayloadSchemaType.DATETIME,
-    "metadata.geo": models.PayloadSchemaType.GEO,
+    **{metadata_field(key): models.PayloadSchemaType.KEYWORD
+       for key in (FOLDER_KEY, CAMERA_KEY, CAMERA_MAKE_KEY, CAMERA_MODEL_KEY, MIME_KEY)},
+    metadata_field(TAKEN_AT_KEY): models.PayloadSchemaType.DATETIME,
+    metadata_field(GEO_KEY): models.PayloadSchemaType.GEO,
 }
 
 
@@ -85,21 +73,19 @@ class CollectionOptions:
 def create_collection_args(spec: CollectionSpec, options: CollectionOptions | None,
                            use_metadata: bool = True) -> dict[str, Any]:
     """Keyword arguments of ``QdrantClient.create_collection`` for an edje collection laid out by ``options``."""
-    o = options or CollectionOptions()
-    args: dict[str, Any] = {
-        "vectors_config": {VECTOR_NAME: models.VectorParams(size=spec.dim, distance=models.Distance.COSINE,
-                                                            on_disk=o.on_disk_vectors)},
-        "metadata": {SPEC_KEY: spec.to_dict()} if use_metadata else None,
-    }
-    if o.shards is not None:
-        args["shard_number"] = o.shards
-    if o.replication is not None:
-        args["replication_factor"] = o.replication
-    if o.on_disk_payload is not None:
-        args["on_disk_payload"] = o.on_disk_payload
-    if o.on_disk_index is not None:
-        args["hnsw_config"] = models.HnswConfigDiff(on_disk=o.on_disk_index)
-    if o.quantization == "int8":
+    layout = options or CollectionOptions()
+    vectors = {VECTOR_NAME: models.VectorParams(size=spec.dim, distance=models.Distance.COSINE,
+                                                on_disk=layout.on_disk_vectors)}
+    args: dict[str, Any] = dict(vectors_config=vectors, metadata={SPEC_KEY: spec.to_dict()} if use_metadata else None)
+    if layout.shards is not None:
+        args["shard_number"] = layout.shards
+    if layout.replication is not None:
+        args["replication_factor"] = layout.replication
+    if layout.on_disk_payload is not None:
+        args["on_disk_payload"] = layout.on_disk_payload
+    if layout.on_disk_index is not None:
+        args["hnsw_config"] = models.HnswConfigDiff(on_disk=layout.on_disk_index)
+    if layout.quantization == "int8":
         args["quantization_config"] = models.ScalarQuantization(
             scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True))
     return args
@@ -154,7 +140,7 @@ class ClientStore:
             except EdjeError:
                 raise
             except Exception as e:  # qdrant-client raises many unrelated types
-                if not _transient(e) or self.local:
+                if not is_transient(e) or self.local:
                     raise StoreError(f"Qdrant {self.where}: {what} failed: {_reason(e)}") from e
                 if attempt == self.retries:
                     raise StoreError(
@@ -176,7 +162,7 @@ class ClientStore:
         return None if found is None else found[0]
 
     def _read_spec(self, name: str) -> tuple[CollectionSpec, bool] | None:
-        check_collection_name(name)
+        checks.check_collection_name(name)
         if not self._call(f"checking collection {name!r}", self.client.collection_exists, name):
             return None
         info = self._call(f"reading collection {name!r}", self.client.get_collection, name)
@@ -195,11 +181,11 @@ class ClientStore:
 
     def open_collection(self, name: str, spec: CollectionSpec, create: bool = True) -> None:
         """Create the collection (if allowed) or verify it was built with ``spec``; else ModelMismatchError."""
-        check_spec(spec)
+        checks.check_spec(spec)
         with self._mutex:
             found = self._read_spec(name)
             if found is not None:
-                verify_spec(name, f"Qdrant {self.where}", found[0], spec)
+                checks.verify_spec(name, f"Qdrant {self.where}", found[0], spec)
                 self._specs[name] = found
                 if not self.collection_options.is_default():
                     log.warning("collection %r on Qdrant %s exists: it keeps its layout (shards, replicas and "
@@ -214,7 +200,7 @@ class ClientStore:
                 found = self._read_spec(name)
                 if found is None:
                     raise
-                verify_spec(name, f"Qdrant {self.where}", found[0], spec)
+                checks.verify_spec(name, f"Qdrant {self.where}", found[0], spec)
                 self._specs[name] = found
 
     def _create(self, name: str, spec: CollectionSpec) -> None:
@@ -248,7 +234,7 @@ class ClientStore:
 
     def missing_collection(self, name: str) -> StoreError:
         """The error for a collection this Qdrant does not hold, naming those it does."""
-        return missing_collection(name, f"Qdrant {self.where}", self.collections(), "--url")
+        return checks.missing_collection(name, f"Qdrant {self.where}", self.collections(), "--url")
 
     _missing = missing_collection
 
@@ -272,7 +258,7 @@ class ClientStore:
             pid = canonical_id(p.id)
             if pid == SPEC_POINT_ID:
                 raise InputError(f"point id {p.id} is reserved by edje-qdrant for the collection record")
-            vec = check_vector(p.vector, spec.dim, f"point {p.id}")
+            vec = checks.check_vector(p.vector, spec.dim, f"point {p.id}")
             structs.append(models.PointStruct(id=pid, vector={VECTOR_NAME: vec}, payload=dict(p.payload or {})))
         for batch in _batches(structs, self.batch_size, self.batch_bytes):
             self._call(
@@ -284,15 +270,15 @@ class ClientStore:
         self, name: str, vector: Sequence[float], limit: int, payload_keys: list[str] | None, filter: Any = None
     ) -> list[Hit]:
         """Cosine search on ``clip``, best first, payload restricted to ``payload_keys`` in the same call."""
-        check_limit(limit)
+        checks.check_limit(limit)
         flt = build_filter(filter)
         spec, spec_point = self._spec(name)
-        vec = check_vector(vector, spec.dim, "query")
+        vec = checks.check_vector(vector, spec.dim, "query")
         if spec_point:
             flt = _without_spec_point(flt)
         res = self._call(
             f"query on {name!r}", self.client.query_points, name, query=vec, using=VECTOR_NAME, limit=limit,
-            query_filter=flt, with_payload=payload_selector(payload_keys), with_vectors=False,
+            query_filter=flt, with_payload=checks.payload_selector(payload_keys), with_vectors=False,
         )
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in res.points]
 
@@ -300,9 +286,9 @@ class ClientStore:
         """Points by id (score 0) in the order asked, only those that exist."""
         wanted = canonical_ids(ids)
         wanted.pop(SPEC_POINT_ID, None)
-        by_id = {str(r.id): r for r in self._retrieve(name, list(wanted), payload_selector(payload_keys), with_vector)}
+        by_id = {str(r.id): r for r in self._retrieve(name, list(wanted), checks.payload_selector(payload_keys), with_vector)}
         return [Hit(id=cid, score=0.0, payload=dict(by_id[cid].payload or {}),
-                    vector=clip_vector(by_id[cid]) if with_vector else None)
+                    vector=checks.clip_vector(by_id[cid]) if with_vector else None)
                 for cid in wanted if cid in by_id]
 
     def existing_ids(self, name: str, ids: Iterable[str]) -> set[str]:
@@ -324,10 +310,10 @@ class ClientStore:
 
     def scroll(self, name: str, payload_keys: list[str] | None, page_size: int = 1024) -> Iterator[Hit]:
         """Every point (score 0), ``page_size`` per call; payload restricted to ``payload_keys``."""
-        check_limit(page_size)
+        checks.check_limit(page_size)
         _, spec_point = self._spec(name)
         flt = _without_spec_point(None) if spec_point else None
-        selector = payload_selector(payload_keys)
+        selector = checks.payload_selector(payload_keys)
         offset: Any = None
         while True:
             records, offset = self._call(f"scroll over {name!r}", self.client.scroll, name, scroll_filter=flt,
@@ -406,7 +392,7 @@ class ClientStore:
             log.warning("closing the Qdrant client for %s failed: %s", self.where, _reason(e))
 
 
-def _transient(e: BaseException) -> bool:
+def is_transient(e: BaseException) -> bool:
     """Connection refused, timeouts, overload: worth retrying."""
     code = getattr(e, "code", None)
     if callable(code):  # grpc.RpcError
@@ -441,7 +427,7 @@ def _describe(client: QdrantClient, url: str | None) -> str:
             return f"local path {opts['path']}"
         url = opts.get("url") or opts.get("location") or (f"{opts.get('host')}:{opts.get('port')}" if opts.get("host")
                                                            else "local")
-    return redact_url(str(url))
+    return checks.redact_url(str(url))
 
 
 def _check_vectors(name: str, where: str, info: Any) -> None:

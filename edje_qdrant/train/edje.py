@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edje_qdrant.errors import InputError, ModelError
-from edje_qdrant.models.minilm import edje_reranker_config, init_edje_reranker
-from edje_qdrant.models.reranker import EdjeReranker
+from edje_qdrant.models.full_joint import FullJointReranker, init_full_joint_from_minilm, minilm_full_joint_config
 from edje_qdrant.train import checkpoint as ckpt
 from edje_qdrant.train.common import autocast, cosine_lr, pick_device, use_bf16
 from edje_qdrant.train.data import CaptionSet
@@ -82,7 +81,7 @@ class EdjeTrainOptions:
 
 
 @torch.no_grad()
-def init_adapter_queries(model: EdjeReranker, patches: torch.Tensor, seed: int = 0) -> None:
+def init_adapter_queries(model: FullJointReranker, patches: torch.Tensor, seed: int = 0) -> None:
     """Set the m learned queries to key-projected real patch tokens so attention starts non-uniform.
 
     With tiny random queries every query attends uniformly and all m outputs are equal (no gradient signal).
@@ -94,8 +93,8 @@ def init_adapter_queries(model: EdjeReranker, patches: torch.Tensor, seed: int =
 
 
 @torch.no_grad()
-def init_adapter_prototypes(model: EdjeReranker, patches: torch.Tensor, seed: int = 0, sharpness: float = 2.0,
-                            out_norm: float = 1.0) -> None:
+def init_adapter_prototypes(model: FullJointReranker, patches: torch.Tensor, seed: int = 0,
+                            sharpness: float = 2.0, out_norm: float = 1.0) -> None:
     """Start the adapter as soft clustering of centred patch tokens around m prototypes.
 
     DINOv2 patch tokens share a large common component, so a randomly initialised adapter emits m nearly equal
@@ -131,13 +130,6 @@ def init_adapter_prototypes(model: EdjeReranker, patches: torch.Tensor, seed: in
     proj = torch.randn(a.projection.weight.shape, generator=g) / d ** 0.5
     a.projection.weight.copy_(proj * 3.0 * out_norm / spread)
     a.projection.bias.zero_()
-
-
-def trainable_reranker_state(model: EdjeReranker) -> dict[str, torch.Tensor]:
-    """Reranker weights that training changes (no MLM head, no frozen word embeddings)."""
-    frozen = {"bert.embeddings.word_embeddings.weight"}
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if not k.startswith("mlm.") and k not in frozen}
 
 
 @dataclass
@@ -229,11 +221,11 @@ class NegativeMiner:
 class EdjeTrainer(nn.Module):
     """Reranker + training-only heads (text-recovery projection); computes the losses of one step."""
 
-    def __init__(self, reranker: EdjeReranker, clip_dim: int, alpha: float, opts: EdjeTrainOptions) -> None:
+    def __init__(self, reranker: FullJointReranker, clip_dim: int, alpha: float, opts: EdjeTrainOptions) -> None:
         super().__init__()
         self.reranker = reranker
-        self.recover = nn.Linear(reranker.hidden_size, clip_dim)
-        self.image_proj = nn.Linear(reranker.hidden_size, clip_dim)
+        self.recover = nn.Linear(reranker.token_dim, clip_dim)
+        self.image_proj = nn.Linear(reranker.token_dim, clip_dim)
         self.alpha = float(alpha)
         self.opts = opts
         reranker.bert.embeddings.word_embeddings.weight.requires_grad_(False)
@@ -342,7 +334,7 @@ def _param_groups(trainer: EdjeTrainer, o: EdjeTrainOptions) -> list[dict[str, A
 def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_image: torch.Tensor, alpha: float,
                out: str | Path, opts: EdjeTrainOptions | None = None, *, device: str | None = None,
                precision: str = "auto", resume: bool = False, progress: bool = True,
-               reranker: EdjeReranker | None = None) -> dict[str, Any]:
+               reranker: FullJointReranker | None = None) -> dict[str, Any]:
     """Train the reranker on ``data`` (train split). ``patches_of(image_indices) -> [B, n, D]`` gives vision
     tokens; ``fs_text`` [C, e] / ``fs_image`` [I, e] are first-stage embeddings of its captions / images.
 
@@ -389,11 +381,11 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def initial_reranker(o: EdjeTrainOptions, sample_patches: torch.Tensor) -> EdjeReranker:
+def initial_reranker(o: EdjeTrainOptions, sample_patches: torch.Tensor) -> FullJointReranker:
     """MiniLM-initialised reranker with its adapter queries set from a sample of patch tokens."""
-    reranker = EdjeReranker(edje_reranker_config(o.num_tokens, o.adapter_hidden, mlm_head=o.mlm_weight > 0,
-                                                 num_layers=o.num_layers))
-    init_edje_reranker(reranker)
+    reranker = FullJointReranker(minilm_full_joint_config(o.num_tokens, o.adapter_hidden,
+                                                          mlm_head=o.mlm_weight > 0, num_layers=o.num_layers))
+    init_full_joint_from_minilm(reranker)
     if o.adapter_init == "prototypes":
         init_adapter_prototypes(reranker, sample_patches, o.seed)
     else:
@@ -494,14 +486,15 @@ def _train_step(run: _Run, miner: NegativeMiner, data: CaptionSet, patches_of: A
     return parts
 
 
-def _write_result(out: Path, reranker: EdjeReranker, o: EdjeTrainOptions, alpha: float, run: _Run,
+def _write_result(out: Path, reranker: FullJointReranker, o: EdjeTrainOptions, alpha: float, run: _Run,
                   elapsed: float) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in trainable_reranker_state(reranker).items()}, str(out / WEIGHTS))
+    save_file({k: v.contiguous() for k, v in reranker.trainable_state().items()}, str(out / WEIGHTS))
     config = {"options": asdict(o), "alpha": alpha, "steps": run.step, "finished": run.step >= o.steps,
               "train_seconds_this_run": round(elapsed, 1),
-              "reranker": edje_reranker_config(o.num_tokens, o.adapter_hidden, num_layers=o.num_layers).to_dict(),
+              "reranker": minilm_full_joint_config(o.num_tokens, o.adapter_hidden,
+                                                   num_layers=o.num_layers).to_dict(),
               "last_losses": run.history[-20:]}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config

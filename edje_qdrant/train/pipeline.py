@@ -159,9 +159,7 @@ def export_preset(out: str | Path, preset_dir: str | Path, metrics: dict[str, An
 
     from edje_qdrant.models import model_dir
     from edje_qdrant.models.flickr8k_preset import NAME
-    from edje_qdrant.models.minilm import edje_reranker_config, init_edje_reranker
-    from edje_qdrant.models.reranker import EdjeReranker
-    from edje_qdrant.train.edje import trainable_reranker_state
+    from edje_qdrant.models.full_joint import FullJointReranker, init_full_joint_from_minilm, minilm_full_joint_config
 
     out = Path(out)
     fs_cfg = json.loads((out / fs.CONFIG).read_text())
@@ -172,10 +170,10 @@ def export_preset(out: str | Path, preset_dir: str | Path, metrics: dict[str, An
         rconf = r_cfg["reranker"]
         residual = bool(r_cfg["options"]["residual"])
     else:
-        rconf = edje_reranker_config().to_dict()
-        model = EdjeReranker(edje_reranker_config())
-        init_edje_reranker(model)
-        rsd = trainable_reranker_state(model)
+        rconf = minilm_full_joint_config().to_dict()
+        model = FullJointReranker(minilm_full_joint_config())
+        init_full_joint_from_minilm(model)
+        rsd = model.trainable_state()
         residual = True
     config = {"preset": NAME, "clip_dim": fs_cfg["clip_dim"], "text_train_layers": fs_cfg["train_layers"],
               "reranker": {**rconf, "kind": "edje"},

@@ -36,7 +36,7 @@ def rerank_recall(model: Any, captions: Any, sim: torch.Tensor, pos: torch.Tenso
     """R@1/5/10 first stage vs re-ranked, both directions; ``pos`` [C] = column of each caption's image,
     ``comp`` [I, m, d] the images' compressed tokens, ``captions`` texts or their ``TextStates``. Returns
     ``summary`` and per-query ranks."""
-    from edje_qdrant.models.split_reranker import TextStates
+    from edje_qdrant.models.split_joint import TextStates
 
     c, i = sim.shape
     k = min(k, i)

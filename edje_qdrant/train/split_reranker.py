@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from edje_qdrant.errors import InputError
-from edje_qdrant.models.split_reranker import SplitReranker, SplitRerankerConfig, TextStates, pool_patches
+from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig, TextStates, pool_patches
 from edje_qdrant.train import checkpoint as ckpt
 from edje_qdrant.train.attribute_mining import AttributeIndex, mined_candidates
 from edje_qdrant.train.binding_lists import BindingSampler, CounterfeitSet, extend_tables, training_counterfeits
@@ -54,7 +54,7 @@ class SplitTrainOptions:
     adapter: str = "attention"
     adapter_init: str = "random"  # "random" | "first_stage" (pool adapter: from the first stage's LiT heads)
     colour: bool = False  # append per-cell colour features to the pool adapter's input
-    late_dim: int = 0  # > 0: add the late-interaction term (see SplitReranker.late_scores)
+    late_dim: int = 0  # > 0: add the late-interaction term (see SplitJointReranker.late_scores)
     cross_dim: int = 0  # > 0: a cross-attention sublayer (text -> image tokens only) in each joint layer
     late_steps: int = 0  # in-batch contrastive steps on the late term (+ adapter) before the joint steps
     late_batch: int = 128  # images per in-batch step (all of one fold; one caption each)
@@ -94,12 +94,12 @@ class SplitTrainOptions:
         if not 0 <= self.mined <= self.candidates - 1 or not 0 <= self.counterfeits <= self.candidates - 1:
             raise InputError("mined and counterfeits must be in [0, candidates - 1]")
 
-    def model_config(self) -> SplitRerankerConfig:
-        return SplitRerankerConfig(vision_width=384 * len(self.layers), num_tokens=self.num_tokens,
-                                   adapter_hidden=self.adapter_hidden, patch_pool=self.patch_pool,
-                                   adapter=self.adapter, colour=self.colour, late_dim=self.late_dim,
-                                   cross_dim=self.cross_dim,
-                                   text_layers=self.text_layers, joint_layers=self.joint_layers)
+    def model_config(self) -> SplitJointConfig:
+        return SplitJointConfig(vision_width=384 * len(self.layers), num_tokens=self.num_tokens,
+                                adapter_hidden=self.adapter_hidden, patch_pool=self.patch_pool,
+                                adapter=self.adapter, colour=self.colour, late_dim=self.late_dim,
+                                cross_dim=self.cross_dim, text_layers=self.text_layers,
+                                joint_layers=self.joint_layers)
 
 
 def load_patch_tokens(root: str | Path, names: list[str], view: str, layers: list[int], pool: int,
@@ -214,9 +214,9 @@ class GroupSampler:
 class SplitTrainer:
     """One step = t2i groups + i2t groups through the split reranker, residual listwise loss."""
 
-    def __init__(self, model: SplitReranker, data: CaptionSet, tokens: dict[str, torch.Tensor], held: HeldOutScores,
-                 opts: SplitTrainOptions, device: torch.device, bf16: bool, memo_dir: str | Path | None = None,
-                 n_captions: int | None = None) -> None:
+    def __init__(self, model: SplitJointReranker, data: CaptionSet, tokens: dict[str, torch.Tensor],
+                 held: HeldOutScores, opts: SplitTrainOptions, device: torch.device, bf16: bool,
+                 memo_dir: str | Path | None = None, n_captions: int | None = None) -> None:
         """``data`` may end with counterfeit captions: the first ``n_captions`` (default all) are true ones."""
         self.model, self.data, self.tokens, self.held, self.o = model, data, tokens, held, opts
         self.device, self.bf16 = device, bf16
@@ -361,7 +361,7 @@ def late_loss(trainer: "SplitTrainer", sampler: GroupSampler, g: torch.Generator
     return {"total": loss, "acc_t2i": (s_.argmax(1) == target).float().mean()}
 
 
-def param_groups(model: SplitReranker, o: SplitTrainOptions) -> list[dict[str, Any]]:
+def param_groups(model: SplitJointReranker, o: SplitTrainOptions) -> list[dict[str, Any]]:
     groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "head": [], "joint": [], "late": []}
     for name, p in model.named_parameters():
         if not p.requires_grad or name.startswith("text_bert."):
@@ -424,7 +424,7 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
         checks = _val_binding_pairs(fakes, len(data.captions), data.caption_image, val_imgs)
         log.info("binding lists: %d counterfeits of %d training captions; %d val pairs", len(fakes.texts),
                  len(binder), len(checks[0]))
-    model = SplitReranker(opts.model_config()).to(device)
+    model = SplitJointReranker(opts.model_config()).to(device)
     model.init_joint_from_minilm()
     if opts.adapter_init == "first_stage":
         if first_stage_heads is None:

@@ -168,8 +168,6 @@ def colour_cache(images_dir: str | Path, names: list[str], root: str | Path, vie
                  batch_size: int = 64) -> np.ndarray:
     """Colour features per patch (models/colour.py) of ``names`` in one view, float16 [N, 256, 14], computed from
     the same preprocessed pixels as the DINOv2 tokens and memoised as ``root/colour-{view}.npy``."""
-    from edje_qdrant.models.colour import colour_patch_features
-
     root = Path(root)
     path, names_file = root / f"colour-{view}.npy", root / f"colour-{view}.txt"
     if path.is_file() and names_file.is_file() and names_file.read_text().split("\n")[: len(names)] == names:
@@ -177,7 +175,7 @@ def colour_cache(images_dir: str | Path, names: list[str], root: str | Path, vie
     out = []
     for start in range(0, len(names), batch_size):
         pixels = load_pixels(Path(images_dir), names[start:start + batch_size], view)
-        out.append(colour_patch_features(pixels).numpy().astype(np.float16))
+        out.append(dinov2.colour_features(pixels).numpy().astype(np.float16))
     feats = np.concatenate(out)
     root.mkdir(parents=True, exist_ok=True)
     np.save(path, feats)

