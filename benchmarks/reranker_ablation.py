@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads((run / CONFIG).read_text())
     else:
         cfg = train_split(captions, images, args.out, options, token_root=token_root, folds=args.folds,
-                          candidates=args.candidates, run_name=args.name)
+                          candidates=args.candidates, run_name=args.name, progress=False)
     from safetensors.torch import load_file
 
     model = SplitJointReranker(SplitJointConfig.from_dict(cfg["reranker"])).to(device)

@@ -312,3 +312,38 @@ def test_training_loss_with_binding_lists_and_a_learned_fusion_gain():
     assert torch.allclose(parts["binding"], torch.nn.functional.cross_entropy(first, torch.tensor([0])), atol=1e-5)
     parts["total"].backward()
     assert trainer.log_gain.grad is not None and trainer.log_gain.grad.abs() > 0
+
+
+def test_word_evidence_starts_silent_and_learns_which_word_matches_the_image():
+    """A fresh word-evidence term adds nothing; trained on one pair, it scores the caption whose colour word
+    matches the image above the caption that only differs in that word."""
+    from edje_qdrant.models.split_joint import SplitJointConfig, SplitJointReranker, TextStates
+
+    torch.manual_seed(0)
+    cfg = dict(adapter="pool", patch_pool=4, num_tokens=16, colour=True)
+    plain = SplitJointReranker(SplitJointConfig(**cfg))
+    model = SplitJointReranker(SplitJointConfig(**cfg, evidence_dim=16), text_bert=plain.text_bert,
+                               tokenizer=plain.tokenizer)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    cells = torch.randn(2, 16, 384 + 14)
+    with torch.no_grad():
+        cells[0, :, 384:] = 0
+        cells[0, :, 384 + 3] = 1.0  # image 0: all red (palette index 3); image 1: all blue (index 7)
+        cells[1, :, 384:] = 0
+        cells[1, :, 384 + 7] = 1.0
+    states = TextStates(model, ["a red ball", "a blue ball"])
+    text, mask = states.batch([0, 1, 0, 1])
+    images = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        assert torch.equal(model.pair_logits(text, mask, model.adapter(cells)[images]),
+                           plain.pair_logits(text, mask, plain.adapter(cells)[images]))
+    opt = torch.optim.Adam(list(model.evidence.parameters()) + list(model.adapter.parameters()), lr=1e-2)
+    for _ in range(60):
+        logits = model.pair_logits(text, mask, model.adapter(cells)[images]).view(2, 2)  # row: image
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits = model.pair_logits(text, mask, model.adapter(cells)[images]).view(2, 2)
+    assert logits[0, 0] > logits[0, 1] and logits[1, 1] > logits[1, 0]

@@ -44,6 +44,7 @@ class SplitJointConfig(DictConfig):
     colour: bool = False  # patch tokens end with 14 colour features (models/colour.py); pool adapter only
     late_dim: int = 0  # > 0 adds a late-interaction term (word -> best image token cosine) of this width
     cross_dim: int = 0  # > 0: each joint layer also cross-attends from the text to the image tokens only
+    evidence_dim: int = 0  # > 0 adds the word-evidence term (WordEvidence) of this width
     cross_heads: int = 4
     hidden_size: int = 384
     text_layers: int = 5
@@ -95,6 +96,33 @@ class CrossAttention(nn.Module):
 
         ctx = F.scaled_dot_product_attention(heads(self.q(self.norm(x))), heads(self.k(image)), heads(self.v(image)))
         return x + self.o(ctx.transpose(1, 2).reshape(b, length, -1))
+
+
+class WordEvidence(nn.Module):
+    """Per-word evidence: each query token reads the image tokens it attends to and scores how well what it read
+    matches what the word expects (bilinear), weighted by a learned gate per token; the term is the gated sum.
+    A counterfeit changes a word or two, and this term compares exactly those words with the image, with no
+    layer norm, feed-forward or pooling between the word and the score. ``expect`` starts at zero, so a new term
+    adds nothing until it learns (its gradient does not vanish: the gate starts at ``softplus(0)``)."""
+
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.expect = (nn.Linear(d, width) for _ in range(4))
+        self.gate = nn.Linear(d, 1)
+        for layer in (self.expect, self.gate):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """text [B or 1, L, d], mask [B or 1, L], image tokens [B, m, d] -> evidence [B] (float32)."""
+        with torch.autocast(device_type=text.device.type, enabled=False):
+            text, image = text.float(), image.float()
+            b = image.shape[0]
+            att = torch.softmax(self.q(text) @ self.k(image).transpose(1, 2) / self.q.out_features ** 0.5, -1)
+            read = att @ self.v(image)  # [B, L, e]
+            match = (self.expect(text) * read).sum(-1)  # [B, L]
+            gate = F.softplus(self.gate(text)).squeeze(-1) * text_mask.float()  # [B or 1, L]
+            return (gate.expand(b, -1) * match).sum(1)
 
 
 class JointLayer(nn.Module):
@@ -197,6 +225,8 @@ class SplitJointReranker(ConfigSizes, nn.Module):
             self.late_text = nn.Linear(c.hidden_size, c.late_dim)
             self.late_image = nn.Linear(c.hidden_size, c.late_dim)
             self.late_scale = nn.Parameter(torch.zeros(()))  # starts silent, like the head
+        if c.evidence_dim:
+            self.evidence = WordEvidence(c.hidden_size, c.evidence_dim)
         with torch.no_grad():
             self.head[2].weight.zero_()
             self.head[2].bias.zero_()
@@ -278,6 +308,8 @@ class SplitJointReranker(ConfigSizes, nn.Module):
             logits = self.head(pooled.float()).squeeze(-1)
         if self.config.late_dim:
             logits = logits + self.late_scores(text, text_mask, image_tokens, paired=True)
+        if self.config.evidence_dim:
+            logits = logits + self.evidence(text, text_mask, image_tokens)
         return logits
 
     def late_scores(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor,

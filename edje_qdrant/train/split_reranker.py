@@ -56,6 +56,8 @@ class SplitTrainOptions:
     colour: bool = False  # append per-cell colour features to the pool adapter's input
     late_dim: int = 0  # > 0: add the late-interaction term (see SplitJointReranker.late_scores)
     cross_dim: int = 0  # > 0: a cross-attention sublayer (text -> image tokens only) in each joint layer
+    evidence_dim: int = 0  # > 0: the word-evidence term (models/split_joint.WordEvidence) of this width
+    evidence_lr: float = 1e-3
     late_steps: int = 0  # in-batch contrastive steps on the late term (+ adapter) before the joint steps
     late_batch: int = 128  # images per in-batch step (all of one fold; one caption each)
     late_lr: float = 1e-3
@@ -98,7 +100,8 @@ class SplitTrainOptions:
         return SplitJointConfig(vision_width=384 * len(self.layers), num_tokens=self.num_tokens,
                                 adapter_hidden=self.adapter_hidden, patch_pool=self.patch_pool,
                                 adapter=self.adapter, colour=self.colour, late_dim=self.late_dim,
-                                cross_dim=self.cross_dim, text_layers=self.text_layers,
+                                cross_dim=self.cross_dim, evidence_dim=self.evidence_dim,
+                                text_layers=self.text_layers,
                                 joint_layers=self.joint_layers)
 
 
@@ -362,13 +365,14 @@ def late_loss(trainer: "SplitTrainer", sampler: GroupSampler, g: torch.Generator
 
 
 def param_groups(model: SplitJointReranker, o: SplitTrainOptions) -> list[dict[str, Any]]:
-    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "head": [], "joint": [], "late": []}
+    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "head": [], "joint": [], "late": [],
+                                                   "evidence": []}
     for name, p in model.named_parameters():
         if not p.requires_grad or name.startswith("text_bert."):
             continue
         top = name.split(".")[0]
         groups["late" if top.startswith("late_") else top if top in groups else "joint"].append(p)
-    lrs = {"adapter": o.adapter_lr, "head": o.head_lr, "joint": o.lr, "late": o.late_lr}
+    lrs = {"adapter": o.adapter_lr, "head": o.head_lr, "joint": o.lr, "late": o.late_lr, "evidence": o.evidence_lr}
     return [{"params": ps, "lr": lrs[n], "base_lr": lrs[n], "weight_decay": o.weight_decay}
             for n, ps in groups.items() if ps]
 
