@@ -39,13 +39,14 @@ def test_demo_images_command_writes_the_same_captioned_images_each_time(tmp_path
     assert bad.exit_code == 2 and "--count" in bad.output
 
 
-def test_quick_start_uses_nothing_outside_the_installed_package():
-    steps = [shlex.split(step) for step in readme_command(1).split("&&")]
+@pytest.mark.parametrize("number", [1, 2])
+def test_quick_start_uses_nothing_outside_the_installed_package(number):
+    steps = [shlex.split(step) for step in readme_command(number).split("&&")]
     assert not [s for s in steps if s[0].startswith("python") and s[1:2] != ["-m"]], "a script a wheel lacks"
-    assert "examples/" not in readme_command(1)
+    assert "examples/" not in readme_command(number)
     for step in steps:
         if step[0] == "edje-qdrant":
-            assert step[1] in main.commands, f"README command (1) runs `edje-qdrant {step[1]}`, which does not exist"
+            assert step[1] in main.commands, f"README command ({number}) runs `edje-qdrant {step[1]}`, which does not exist"
     assert any(s[:2] == ["edje-qdrant", "demo-images"] for s in steps)
 
 
