@@ -42,9 +42,9 @@ def dev_embeddings(model, dev, token_root):
     from edje_qdrant.models import dinov2
     from edje_qdrant.train.token_cache import TokenCache, view_folder
 
-    tc = TokenCache(view_folder(token_root, "orig", 12))
+    token_cache = TokenCache(view_folder(token_root, "orig", 12))
     with torch.inference_mode():
-        feats = torch.cat([dinov2.global_feature(tc.rows(dev.images[i:i + 256]).float())
+        feats = torch.cat([dinov2.global_feature(token_cache.rows(dev.images[i:i + 256]).float())
                            for i in range(0, len(dev.images), 256)])
         img = model.vision.head(feats).float()
         txt = torch.cat([model.text.encode(dev.captions[i:i + 256]) for i in range(0, len(dev.captions), 256)])

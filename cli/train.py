@@ -11,6 +11,7 @@ from typing import Any, Callable
 import click
 
 from edje_qdrant.errors import InputError
+from edje_qdrant.store.filters import split_key_value
 
 from .options import library_errors, progress_option, show_progress
 
@@ -41,10 +42,7 @@ def parse_settings(items: tuple[str, ...], reserved: dict[str, str]) -> dict[str
     """``KEY=VALUE`` items -> {key: JSON value, or the raw string}; ``reserved`` keys name their own option."""
     options: dict[str, Any] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = split_key_value(item, f"--set expects KEY=VALUE, got {item!r}")
         if key in reserved:
             raise InputError(f"--set {key}: use its own option ({reserved[key]})")
         try:

@@ -160,12 +160,12 @@ class NegativeMiner:
             self.per_image[i].append(c)
             self.same_text.setdefault(_norm(data.captions[c]), []).append(c)
 
-    def in_batch(self, img: list[int], caps: list[int], fs_text: torch.Tensor, fs_image: torch.Tensor,
+    def in_batch(self, img: list[int], caps: list[int], first_text: torch.Tensor, first_image: torch.Tensor,
                  k_t2i: int, k_i2t: int, pool: int, g: torch.Generator | None = None) -> StepGroups:
         """Negatives among the batch's own images / captions; ``fs_*`` are the anchors' embeddings."""
         d = self.data
         ids = torch.tensor(img)
-        sim = (fs_text @ fs_image.t()).float()
+        sim = (first_text @ first_image.t()).float()
         allowed = negative_mask(ids, ids, [d.captions[c] for c in caps],
                                 [{d.captions[c] for c in self.per_image[i]} for i in img])
         neg_t2i = sample_hard_negatives(sim, allowed, k_t2i, pool, g)
@@ -176,13 +176,13 @@ class NegativeMiner:
                           i2t=[(r, [r] + neg_i2t[r].tolist()) for r in range(n)],
                           anchors=[(r, r) for r in range(n)])
 
-    def global_(self, img: list[int], caps: list[int], fs_text_all: torch.Tensor, fs_image_all: torch.Tensor,
+    def global_pool(self, img: list[int], caps: list[int], first_text_all: torch.Tensor, first_image_all: torch.Tensor,
                 k_t2i: int, k_i2t: int, pool: int, g: torch.Generator | None = None) -> StepGroups:
         """Negatives over the whole split: the images / captions the first stage ranks highest."""
         d = self.data
-        s_t2i = (fs_text_all[caps] @ fs_image_all.t()).float()  # [B, I]
+        s_t2i = (first_text_all[caps] @ first_image_all.t()).float()  # [B, I]
         ok_t2i = torch.ones_like(s_t2i, dtype=torch.bool)
-        s_i2t = (fs_image_all[img] @ fs_text_all.t()).float()  # [B, C]
+        s_i2t = (first_image_all[img] @ first_text_all.t()).float()  # [B, C]
         ok_i2t = torch.ones_like(s_i2t, dtype=torch.bool)
         for r, (i, c) in enumerate(zip(img, caps)):
             ok_t2i[r, i] = False
@@ -196,23 +196,23 @@ class NegativeMiner:
         img_pos: dict[int, int] = {}
         cap_pos: dict[int, int] = {}
 
-        def ip(i: int) -> int:
+        def image_position(i: int) -> int:
             if i not in img_pos:
                 img_pos[i] = len(groups.images)
                 groups.images.append(i)
             return img_pos[i]
 
-        def cp(c: int) -> int:
+        def caption_position(c: int) -> int:
             if c not in cap_pos:
                 cap_pos[c] = len(groups.captions)
                 groups.captions.append(c)
             return cap_pos[c]
 
         for r, (i, c) in enumerate(zip(img, caps)):
-            groups.anchors.append((cp(c), ip(i)))
+            groups.anchors.append((caption_position(c), image_position(i)))
         for r, (i, c) in enumerate(zip(img, caps)):
-            groups.t2i.append((cp(c), [ip(i)] + [ip(j) for j in neg_t2i[r]]))
-            groups.i2t.append((ip(i), [cp(c)] + [cp(j) for j in neg_i2t[r]]))
+            groups.t2i.append((caption_position(c), [image_position(i)] + [image_position(j) for j in neg_t2i[r]]))
+            groups.i2t.append((image_position(i), [caption_position(c)] + [caption_position(j) for j in neg_i2t[r]]))
         return groups
 
 
@@ -228,14 +228,14 @@ class EdjeTrainer(nn.Module):
         self.opts = opts
         reranker.bert.embeddings.word_embeddings.weight.requires_grad_(False)
 
-    def losses(self, groups: StepGroups, captions: list[str], patches: torch.Tensor, fs_text: torch.Tensor,
-               fs_image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of one step: ``captions`` / ``patches`` [I, n, D] / first-stage embeddings ``fs_text``
-        [C, e] and ``fs_image`` [I, e] are aligned with ``groups.captions`` / ``groups.images``."""
+    def losses(self, groups: StepGroups, captions: list[str], patches: torch.Tensor, first_text: torch.Tensor,
+               first_image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one step: ``captions`` / ``patches`` [I, n, D] / first-stage embeddings ``first_text``
+        [C, e] and ``first_image`` [I, e] are aligned with ``groups.captions`` / ``groups.images``."""
         r = self.reranker
         opts = self.opts
         dev = r.device
-        sim = (fs_text @ fs_image.t()).float()  # [C, I]
+        sim = (first_text @ first_image.t()).float()  # [C, I]
         pairs: dict[tuple[int, int], int] = {}
 
         def pid(c: int, i: int) -> int:
@@ -280,12 +280,12 @@ class EdjeTrainer(nn.Module):
             mask = (torch.arange(width, device=dev).view(1, -1) < torch.tensor([len(s) for s in single],
                                                                               device=dev).view(-1, 1)).long()
             h = r.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-            out["recovery"] = text_recovery_loss(self.recover(h[:, 0].float()), fs_text[anchor_c].to(dev))
+            out["recovery"] = text_recovery_loss(self.recover(h[:, 0].float()), first_text[anchor_c].to(dev))
         return out
 
-    def adapter_warmup_losses(self, patches: torch.Tensor, fs_text: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapter_warmup_losses(self, patches: torch.Tensor, first_text: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image tokens alone through the joint encoder, mean-pooled and projected, matched contrastively to the
-        first-stage embedding of one caption per image (``fs_text`` [B, e]); teaches the adapter to write tokens
+        first-stage embedding of one caption per image (``first_text`` [B, e]); teaches the adapter to write tokens
         the text encoder can read before ITM starts."""
         r = self.reranker
         dev = r.device
@@ -296,7 +296,7 @@ class EdjeTrainer(nn.Module):
         types[:, 0] = 0
         hidden = r.encode(ids, types, torch.ones_like(ids), tokens)[:, 1:-1]
         emb = F.normalize(self.image_proj(hidden.float().mean(1)), dim=-1)
-        target = F.normalize(fs_text.to(dev).float(), dim=-1)
+        target = F.normalize(first_text.to(dev).float(), dim=-1)
         logits = max(self.alpha, 10.0) * emb @ target.t()
         labels = torch.arange(b, device=dev)
         loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
@@ -414,7 +414,7 @@ class EdjeSteps:
             return EdjeBatch(step, StepGroups(captions=caps, images=img.tolist()), True)
         negatives_generator = torch.Generator().manual_seed(opts.seed + 17 + step)
         if opts.mining == "global":
-            groups = miner.global_(img.tolist(), caps, self.first_text, self.first_image, opts.negatives_t2i,
+            groups = miner.global_pool(img.tolist(), caps, self.first_text, self.first_image, opts.negatives_t2i,
                                    opts.negatives_i2t, opts.negative_pool, negatives_generator)
         else:
             groups = miner.in_batch(img.tolist(), caps, self.first_text[caps], self.first_image[img],
