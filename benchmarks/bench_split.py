@@ -17,11 +17,12 @@ import _common as C
 
 def _split_model(preset: Any) -> tuple[Any, str]:
     from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig
+    from edje_qdrant.train.split_init import init_joint_from_minilm
 
     if preset is not None and isinstance(preset.reranker, SplitJointReranker):
         return preset.reranker, f"{C.OFFLINE_PRESET} (trained split reranker)"
     model = SplitJointReranker(SplitJointConfig(adapter="pool", patch_pool=4, num_tokens=16)).eval()
-    model.init_joint_from_minilm()
+    init_joint_from_minilm(model)
     return model, "stand-in split reranker (pool adapter, m=16, 1 joint layer)"
 
 

@@ -42,9 +42,9 @@ def dev_embeddings(model, dev, token_root):
     from edje_qdrant.models import dinov2
     from edje_qdrant.train.token_cache import TokenCache, view_folder
 
-    tc = TokenCache(view_folder(token_root, "orig", 12))
+    token_cache = TokenCache(view_folder(token_root, "orig", 12))
     with torch.inference_mode():
-        feats = torch.cat([dinov2.global_feature(tc.rows(dev.images[i:i + 256]).float())
+        feats = torch.cat([dinov2.global_feature(token_cache.rows(dev.images[i:i + 256]).float())
                            for i in range(0, len(dev.images), 256)])
         img = model.vision.head(feats).float()
         txt = torch.cat([model.text.encode(dev.captions[i:i + 256]) for i in range(0, len(dev.captions), 256)])
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig
     from edje_qdrant.train.common import default_cache_folder, pick_device, use_bf16
     from edje_qdrant.train.data import caption_set, read_captions
-    from edje_qdrant.train.pipeline import train_split
+    from edje_qdrant.train.split_run import train_split
     from edje_qdrant.evaluate import paired_bootstrap_ci
     from edje_qdrant.train.rerank_eval import rerank_recall
     from edje_qdrant.train.split_reranker import CONFIG, WEIGHTS, load_patch_tokens
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         line["binding"] = dev_binding(model, shipped, dev, caption_set(rows, "train").captions, img, comp, weight,
                                       device)
     if args.export:
-        from edje_qdrant.train.pipeline import export_split_preset
+        from edje_qdrant.train.export import export_model
 
-        export_split_preset(run, args.export, PRESET_DIR, metrics={"harness_dev": line})
+        export_model("split", run, args.export, PRESET_DIR, metrics={"harness_dev": line})
     print(json.dumps(line))
     with (args.out / "ablations.jsonl").open("a") as fh:
         fh.write(json.dumps(line) + "\n")

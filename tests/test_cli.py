@@ -169,12 +169,12 @@ def test_convert_official_compat_weights_then_load_and_score(tmp_path):
 
 
 @pytest.mark.parametrize("stage, setting, expected", [
-    ("reranker", "bogus=1", "unknown reranker training options ['bogus']"),
-    ("reranker", "lr=fast", "lr='fast': expected float"),
-    ("reranker", "mining=sideways", "mining must be one of"),
-    ("reranker", "novalue", "--set expects KEY=VALUE"),
-    ("reranker", "steps=5", "--set steps: use its own option"),
-    ("first", "lr=0.1", "--set applies to --stage reranker and --stage split only"),
+    ("edje", "bogus=1", "unknown reranker training options ['bogus']"),
+    ("edje", "lr=fast", "lr='fast': expected float"),
+    ("edje", "mining=sideways", "mining must be one of"),
+    ("edje", "novalue", "--set expects KEY=VALUE"),
+    ("edje", "steps=5", "--set steps: use its own option"),
+    ("first", "lr=0.1", "No such option '--set'"),
     ("split", "bogus=1", "unknown split reranker options ['bogus']"),
     ("split", "candidates=1", "candidates must be >= 2"),
     ("split", "views=[\"sideways\"]", "views must be a non-empty subset of orig/flip"),
@@ -183,8 +183,8 @@ def test_train_set_rejects_bad_options_before_any_work(tmp_path, stage, setting,
     tsv = tmp_path / "captions.tsv"
     tsv.write_text("image\tcaption_idx\tsplit\tcaption\na.jpg\t0\ttrain\ta dog\n")
     (tmp_path / "images").mkdir()
-    r = _cli("train", "--captions", str(tsv), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
-             "--stage", stage, "--set", setting)
+    r = _cli("train", stage, "--captions", str(tsv), "--images", str(tmp_path / "images"), "--out",
+             str(tmp_path / "out"), "--set", setting)
     assert r.exit_code != 0
     assert expected in r.output
     assert not (tmp_path / "out").exists()

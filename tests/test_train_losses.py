@@ -106,11 +106,11 @@ def test_global_mining_excludes_own_image_and_identical_captions():
     data = _miner_data()
     miner = NegativeMiner(data)
     # first-stage embeddings where everything is equally similar: mining must rely on the exclusions only
-    fs_text = F.normalize(torch.ones(6, 4), dim=-1)
-    fs_image = F.normalize(torch.ones(4, 4), dim=-1)
+    first_text = F.normalize(torch.ones(6, 4), dim=-1)
+    first_image = F.normalize(torch.ones(4, 4), dim=-1)
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
-        groups = miner.global_([0], [0], fs_text, fs_image, 2, 2, 3, g)
+        groups = miner.global_pool([0], [0], first_text, first_image, 2, 2, 3, g)
         (c, imgs), = groups.t2i
         assert groups.captions[c] == 0 and groups.images[imgs[0]] == 0
         negs = {groups.images[i] for i in imgs[1:]}
@@ -126,10 +126,10 @@ def test_global_mining_prefers_first_stage_hard_negatives():
     from edje_qdrant.train.edje import NegativeMiner
 
     data = _miner_data()
-    fs_image = torch.eye(4)
-    fs_text = torch.tensor([[1.0, 0.0, 0.2, 0.9], [1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
+    first_image = torch.eye(4)
+    first_text = torch.tensor([[1.0, 0.0, 0.2, 0.9], [1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
                             [0.5, 0, 0, 1]])
-    groups = NegativeMiner(data).global_([0], [0], fs_text, fs_image, 1, 1, 0)
+    groups = NegativeMiner(data).global_pool([0], [0], first_text, first_image, 1, 1, 0)
     (_, imgs), = groups.t2i
     assert groups.images[imgs[1]] == 3  # the most similar allowed image for caption 0
     (_, caps), = groups.i2t

@@ -1,4 +1,4 @@
-"""export_preset writes only trained weights, and the flickr8k preset factory loads them back exactly."""
+"""export_model writes only trained weights, and the flickr8k preset factory loads them back exactly."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,7 +21,7 @@ def test_export_then_load_model_from_directory(tmp_path):
 
     import edje_qdrant.models.flickr8k_preset as preset
     from edje_qdrant.models.registry import load_model
-    from edje_qdrant.train import export_preset
+    from edje_qdrant.train import export_model
     from edje_qdrant.train.first_stage import CONFIG, WEIGHTS, FirstStage
 
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def test_export_then_load_model_from_directory(tmp_path):
     out.mkdir()
     save_file({k: v.contiguous() for k, v in fs.trainable_state().items()}, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps({"clip_dim": 384, "train_layers": 1, "logit_scale": 20.0}))
-    pdir = export_preset(out, tmp_path / "preset", metrics={"note": "test"})
+    pdir = export_model("edje", out, tmp_path / "preset", out, metrics={"note": "test"})
 
     keys = set(load_file(str(pdir / WEIGHTS_FILE)))
     assert not any("word_embeddings" in k or k.startswith("vision.backbone.") for k in keys)

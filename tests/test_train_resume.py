@@ -28,17 +28,17 @@ def _tiny_data(n_images: int = 6):
     data = CaptionSet(images=[f"img{i}.jpg" for i in range(n_images)], caption_image=owner, captions=captions)
     g = torch.Generator().manual_seed(1)
     patches = torch.randn(n_images, 256, 384, generator=g)
-    fs_text = F.normalize(torch.randn(len(captions), 384, generator=g), dim=-1)
-    fs_image = F.normalize(torch.randn(n_images, 384, generator=g), dim=-1)
-    return data, (lambda idx: patches[idx]), fs_text, fs_image
+    first_text = F.normalize(torch.randn(len(captions), 384, generator=g), dim=-1)
+    first_image = F.normalize(torch.randn(n_images, 384, generator=g), dim=-1)
+    return data, (lambda idx: patches[idx]), first_text, first_image
 
 
 @needs_minilm
 def test_reranker_resume_continues_step_and_optimizer(tmp_path):
-    data, patches_of, fs_text, fs_image = _tiny_data()
+    data, patches_of, first_text, first_image = _tiny_data()
     opts = EdjeTrainOptions(steps=1, batch_size=4, negatives_t2i=2, negatives_i2t=2, checkpoint_every=1,
                             mlm_fraction=0.25, warmup=1)
-    train_edje(data, patches_of, fs_text, fs_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
+    train_edje(data, patches_of, first_text, first_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
                progress=False)
     first = ckpt.load_checkpoint(tmp_path / "reranker.ckpt")
     assert first["step"] == 1
@@ -48,7 +48,7 @@ def test_reranker_resume_continues_step_and_optimizer(tmp_path):
     assert head_after_1.abs().sum() > 0  # the zero-initialised head moved
 
     opts.steps = 2
-    cfg = train_edje(data, patches_of, fs_text, fs_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
+    cfg = train_edje(data, patches_of, first_text, first_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
                      progress=False, resume=True)
     second = ckpt.load_checkpoint(tmp_path / "reranker.ckpt")
     assert second["step"] == 2 and cfg["steps"] == 2
@@ -98,18 +98,18 @@ def test_first_stage_resume_on_real_images(tmp_path):
 
 @needs_minilm
 def test_adapter_warmup_trains_only_the_adapter_then_itm_global_mining(tmp_path):
-    data, patches_of, fs_text, fs_image = _tiny_data()
+    data, patches_of, first_text, first_image = _tiny_data()
     opts = EdjeTrainOptions(steps=1, batch_size=4, negatives_t2i=2, negatives_i2t=2, checkpoint_every=1,
                             warmup=1, adapter_warmup_steps=1, adapter_warmup_batch=6, mining="global",
                             negative_pool=3, head_init_std=0.02, mlm_weight=0.0)
-    train_edje(data, patches_of, fs_text, fs_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
+    train_edje(data, patches_of, first_text, first_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
                progress=False)
     after_warmup = ckpt.load_checkpoint(tmp_path / "reranker.ckpt")
     hist = after_warmup["extra"]["history"]
     assert "warmup_nce" in hist and "itm_t2i" not in hist
     m1 = after_warmup["model"]
     opts.steps = 2
-    train_edje(data, patches_of, fs_text, fs_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
+    train_edje(data, patches_of, first_text, first_image, 20.0, tmp_path, opts, device="cpu", precision="fp32",
                progress=False, resume=True)
     m2 = ckpt.load_checkpoint(tmp_path / "reranker.ckpt")["model"]
     layer = "reranker.bert.encoder.layer.0.attention.self.query.weight"

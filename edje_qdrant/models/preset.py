@@ -62,5 +62,5 @@ def build_reranker(spec: PresetSpec, default: Callable[[], Reranker] | None = No
         return reranker_from_config(section, f"{spec.directory}/config.json", minilm_wheel=minilm_wheel)
     if default is None:
         raise ModelError(f"{spec.directory}/config.json: the {spec.name} preset needs a \"reranker\" section; "
-                         "export a trained model with `edje-qdrant train --stage export` first")
+                         "export a trained model with `edje-qdrant train export` first")
     return default()

@@ -10,12 +10,9 @@ with. The official full-joint layout is ``full_joint.FullJointReranker``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -257,26 +254,6 @@ class SplitJointReranker(ConfigSizes, nn.Module):
     def device(self) -> torch.device:
         return self.head[0].weight.device
 
-    def init_joint_from_minilm(self) -> None:
-        """Joint layer i starts as MiniLM layer ``text_layers + i`` (when MiniLM has it)."""
-        full = minilm.load_bert()
-        for i, layer in enumerate(self.joint):
-            j = self.config.text_layers + i
-            if j < len(full.encoder.layer):
-                layer.load_from_bert_layer(full.encoder.layer[j])
-
-    def init_adapter_from_first_stage(self, image_head: torch.Tensor, text_proj: torch.Tensor) -> None:
-        """Pool adapter only: start its projection where the first stage maps a patch into the text space,
-        pulled back through the text projection (``pinv(text_proj) @ image_head[:, patch half]``), so image
-        cells start next to the word states that describe them. Extra (intermediate) layers start at zero."""
-        if not isinstance(self.adapter, PoolAdapter):
-            raise ModelError("the first-stage adapter init needs the pool adapter")
-        w = torch.linalg.pinv(text_proj.float()) @ image_head.float()[:, image_head.shape[1] // 2:]
-        with torch.no_grad():
-            self.adapter.proj.weight.zero_()
-            self.adapter.proj.weight[:, self.adapter.vision_width - w.shape[1]:] = w  # last layer comes last
-            self.adapter.proj.bias.zero_()
-
     # -- ingest side
     def compress(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """Vision patch tokens ``[B, n, D]`` (a square grid) -> compressed tokens ``[B, m, d]``."""
@@ -358,64 +335,3 @@ def pool_patches(patch_tokens: torch.Tensor, factor: int) -> torch.Tensor:
     x = patch_tokens.transpose(1, 2).reshape(b, d, g, g)
     x = F.avg_pool2d(x, factor)
     return x.flatten(2).transpose(1, 2)
-
-
-class TextStates:
-    """Frozen lower-layer token states of a list of texts, computed once (ragged, float16) and served as padded
-    batches: ``batch(indices) -> (states [B, L, d], mask [B, L])``."""
-
-    def __init__(self, model: SplitJointReranker, texts: list[str], batch_size: int = 256) -> None:
-        flat, lengths = [], []
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
-        rows: list[torch.Tensor | None] = [None] * len(texts)
-        with torch.inference_mode():
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                states, mask = model.encode_text([texts[i] for i in idx])
-                for j, i in enumerate(idx):
-                    rows[i] = states[j, : int(mask[j].sum())].to("cpu", torch.float16)
-        for r in rows:
-            flat.append(r)
-            lengths.append(r.shape[0])
-        self.lengths = torch.tensor(lengths)
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
-        with torch.autocast("cpu", enabled=False):  # may be built under autocast; float16 rows concatenate as is
-            self.flat = torch.cat(flat)
-
-    def save(self, path: str | Path, key: str) -> None:
-        save_file({"flat": self.flat.contiguous(), "lengths": self.lengths}, str(path), metadata={"key": key})
-
-    @classmethod
-    def load(cls, path: str | Path, key: str) -> "TextStates | None":
-        """The states saved under ``key`` at ``path``, or None when absent or saved for other texts/weights."""
-        path = Path(path)
-        if not path.is_file():
-            return None
-        with safe_open(str(path), "pt") as fh:
-            if (fh.metadata() or {}).get("key") != key:
-                return None
-            self = cls.__new__(cls)
-            self.flat, self.lengths = fh.get_tensor("flat"), fh.get_tensor("lengths")
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
-        return self
-
-    def subset(self, rows: torch.Tensor | list[int]) -> "TextStates":
-        """The states of some texts (row i of the result = row ``rows[i]`` here)."""
-        idx = torch.as_tensor(rows, dtype=torch.long).flatten()
-        out = TextStates.__new__(TextStates)
-        out.flat = torch.cat([self.flat[int(self.offsets[i]):int(self.offsets[i + 1])] for i in idx.tolist()])
-        out.lengths = self.lengths[idx].clone()
-        out.offsets = torch.cat([torch.zeros(1, dtype=torch.long), out.lengths.cumsum(0)])
-        return out
-
-    def batch(self, indices: torch.Tensor | list[int], device: torch.device | str = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices).flatten()
-        n, length = len(idx), int(self.lengths[idx].max())
-        states = torch.zeros(n, length, self.flat.shape[1])
-        mask = torch.zeros(n, length, dtype=torch.long)
-        for r, i in enumerate(idx.tolist()):
-            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-            states[r, : b - a] = self.flat[a:b].float()
-            mask[r, : b - a] = 1
-        return states.to(device), mask.to(device)

@@ -94,10 +94,8 @@ def filter_from_where(items: Iterable[str]) -> Any:
         return filter_from_json(data, "--where")
     form: dict[str, Any] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise InputError(f"--where {item!r} must look like KEY=VALUE (e.g. folder=holidays) or be JSON")
+        key, value = split_key_value(item, f"--where {item!r} must look like KEY=VALUE (e.g. folder=holidays) or be "
+                                           "JSON")
         if key in form:
             previous = form[key] if isinstance(form[key], list) else [form[key]]
             form[key] = previous + [value]
@@ -169,3 +167,12 @@ def parse_when(key: str, value: Any) -> dt.datetime | dt.date:
         except ValueError:
             pass
     raise InputError(f"filter {key!r} must be an ISO date or datetime such as '2024-01-31', got {value!r}")
+
+
+def split_key_value(item: str, problem: str) -> tuple[str, str]:
+    """``KEY=VALUE`` -> (key without surrounding blanks, value); ``InputError(problem)`` without ``=`` or key."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise InputError(problem)
+    return key, value

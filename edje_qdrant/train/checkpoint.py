@@ -1,6 +1,7 @@
 """Training checkpoints: atomic ``torch.save`` of plain state dicts, read back with ``weights_only=True``."""
 from __future__ import annotations
 
+import ast
 import os
 import random
 from pathlib import Path
@@ -24,8 +25,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import ast
-
+    """Restore the generator states ``rng_state`` saved."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     py = ast.literal_eval(bytes(state["python"].numpy().tolist()).decode())

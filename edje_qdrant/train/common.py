@@ -1,11 +1,13 @@
-"""Shared training helpers: device and precision choice, cosine schedule, dev recall metrics."""
+"""Shared training helpers: device and precision choice, seeding, cosine schedule, dev recall metrics."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edje_qdrant.metrics import recalls
@@ -23,7 +25,15 @@ def use_bf16(device: torch.device, precision: str = "auto") -> bool:
     return resolve_precision(precision, device) == "bf16"
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, random and numpy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled``, else a no-op context."""
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

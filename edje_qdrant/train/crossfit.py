@@ -6,6 +6,7 @@ errors the production first stage makes on unseen queries, unlike the production
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -14,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from edje_qdrant.errors import InputError
-from edje_qdrant.train import first_stage as fs
 from edje_qdrant.train.data import CaptionSet, read_captions
+from edje_qdrant.train.first_stage import CONFIG, WEIGHTS, train_first_stage
+from edje_qdrant.train.first_stage_embeddings import encode_texts, load_first_stage
 
 log = logging.getLogger(__name__)
 HELDOUT = "heldout"
@@ -53,13 +57,13 @@ def train_crossfit(captions: str | Path, images: str | Path, out: str | Path, *,
     configs = []
     for f in range(folds):
         d = out / f"fold{f}"
-        if (d / fs.WEIGHTS).is_file() and (d / fs.CONFIG).is_file():
-            configs.append(json.loads((d / fs.CONFIG).read_text()))
+        if (d / WEIGHTS).is_file() and (d / CONFIG).is_file():
+            configs.append(json.loads((d / CONFIG).read_text()))
             continue
         tsv = d / "captions.tsv"
         _write_fold_captions(rows, fold_of, f, tsv)
         log.info("cross-fit first stage %d/%d", f + 1, folds)
-        configs.append(fs.train_first_stage(tsv, images, d, cache=cache, eval_split=HELDOUT, seed=seed + f,
+        configs.append(train_first_stage(tsv, images, d, cache=cache, eval_split=HELDOUT, seed=seed + f,
                                             progress=progress, **first_stage_kwargs))
     (out / "folds.json").write_text(json.dumps({"folds": folds, "seed": seed}, indent=2))
     return configs
@@ -84,10 +88,6 @@ class HeldOutScores:
 def heldout_scores(out: str | Path, data: CaptionSet, global_feats: torch.Tensor, device: torch.device,
                    bf16: bool) -> HeldOutScores:
     """Held-out embeddings of ``data`` (the train split) from the fold models in ``out`` (memoised there)."""
-    from safetensors.torch import load_file, save_file
-
-    from edje_qdrant.train.pipeline import encode_texts, load_first_stage
-
     out = Path(out)
     memo = out / "heldout.safetensors"
     meta = json.loads((out / "folds.json").read_text())
@@ -122,13 +122,6 @@ def heldout_text_embeddings(out: str | Path, texts: list[str], folds: torch.Tens
                             bf16: bool) -> torch.Tensor:
     """First-stage embeddings of extra texts (e.g. counterfeit captions), each from the fold model that did not
     see the image it describes (``folds[i]``); memoised in ``out`` under a key of the texts and folds."""
-    import hashlib
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from edje_qdrant.train.pipeline import encode_texts, load_first_stage
-
     out = Path(out)
     key = hashlib.sha256(("\n".join(texts) + "|" + ",".join(map(str, folds.tolist()))).encode()).hexdigest()
     memo = out / "heldout_extra_text.safetensors"

@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from edje_qdrant.errors import InputError, ModelError
 from edje_qdrant.models.full_joint import FullJointReranker, init_full_joint_from_minilm, minilm_full_joint_config
-from edje_qdrant.train import checkpoint as ckpt
-from edje_qdrant.train.common import autocast, cosine_lr, pick_device, use_bf16
+from edje_qdrant.train.common import cosine_lr, pick_device, seed_everything, use_bf16
 from edje_qdrant.train.data import CaptionSet
+from edje_qdrant.train.loop import Progress, Stage, TrainingLoop
 from edje_qdrant.train.losses import (listwise_itm_loss, mask_tokens, mlm_loss, negative_mask,
                                       sample_hard_negatives, text_recovery_loss)
 
@@ -162,12 +160,12 @@ class NegativeMiner:
             self.per_image[i].append(c)
             self.same_text.setdefault(_norm(data.captions[c]), []).append(c)
 
-    def in_batch(self, img: list[int], caps: list[int], fs_text: torch.Tensor, fs_image: torch.Tensor,
+    def in_batch(self, img: list[int], caps: list[int], first_text: torch.Tensor, first_image: torch.Tensor,
                  k_t2i: int, k_i2t: int, pool: int, g: torch.Generator | None = None) -> StepGroups:
         """Negatives among the batch's own images / captions; ``fs_*`` are the anchors' embeddings."""
         d = self.data
         ids = torch.tensor(img)
-        sim = (fs_text @ fs_image.t()).float()
+        sim = (first_text @ first_image.t()).float()
         allowed = negative_mask(ids, ids, [d.captions[c] for c in caps],
                                 [{d.captions[c] for c in self.per_image[i]} for i in img])
         neg_t2i = sample_hard_negatives(sim, allowed, k_t2i, pool, g)
@@ -178,13 +176,13 @@ class NegativeMiner:
                           i2t=[(r, [r] + neg_i2t[r].tolist()) for r in range(n)],
                           anchors=[(r, r) for r in range(n)])
 
-    def global_(self, img: list[int], caps: list[int], fs_text_all: torch.Tensor, fs_image_all: torch.Tensor,
+    def global_pool(self, img: list[int], caps: list[int], first_text_all: torch.Tensor, first_image_all: torch.Tensor,
                 k_t2i: int, k_i2t: int, pool: int, g: torch.Generator | None = None) -> StepGroups:
         """Negatives over the whole split: the images / captions the first stage ranks highest."""
         d = self.data
-        s_t2i = (fs_text_all[caps] @ fs_image_all.t()).float()  # [B, I]
+        s_t2i = (first_text_all[caps] @ first_image_all.t()).float()  # [B, I]
         ok_t2i = torch.ones_like(s_t2i, dtype=torch.bool)
-        s_i2t = (fs_image_all[img] @ fs_text_all.t()).float()  # [B, C]
+        s_i2t = (first_image_all[img] @ first_text_all.t()).float()  # [B, C]
         ok_i2t = torch.ones_like(s_i2t, dtype=torch.bool)
         for r, (i, c) in enumerate(zip(img, caps)):
             ok_t2i[r, i] = False
@@ -198,23 +196,23 @@ class NegativeMiner:
         img_pos: dict[int, int] = {}
         cap_pos: dict[int, int] = {}
 
-        def ip(i: int) -> int:
+        def image_position(i: int) -> int:
             if i not in img_pos:
                 img_pos[i] = len(groups.images)
                 groups.images.append(i)
             return img_pos[i]
 
-        def cp(c: int) -> int:
+        def caption_position(c: int) -> int:
             if c not in cap_pos:
                 cap_pos[c] = len(groups.captions)
                 groups.captions.append(c)
             return cap_pos[c]
 
         for r, (i, c) in enumerate(zip(img, caps)):
-            groups.anchors.append((cp(c), ip(i)))
+            groups.anchors.append((caption_position(c), image_position(i)))
         for r, (i, c) in enumerate(zip(img, caps)):
-            groups.t2i.append((cp(c), [ip(i)] + [ip(j) for j in neg_t2i[r]]))
-            groups.i2t.append((ip(i), [cp(c)] + [cp(j) for j in neg_i2t[r]]))
+            groups.t2i.append((caption_position(c), [image_position(i)] + [image_position(j) for j in neg_t2i[r]]))
+            groups.i2t.append((image_position(i), [caption_position(c)] + [caption_position(j) for j in neg_i2t[r]]))
         return groups
 
 
@@ -230,14 +228,14 @@ class EdjeTrainer(nn.Module):
         self.opts = opts
         reranker.bert.embeddings.word_embeddings.weight.requires_grad_(False)
 
-    def losses(self, groups: StepGroups, captions: list[str], patches: torch.Tensor, fs_text: torch.Tensor,
-               fs_image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of one step: ``captions`` / ``patches`` [I, n, D] / first-stage embeddings ``fs_text``
-        [C, e] and ``fs_image`` [I, e] are aligned with ``groups.captions`` / ``groups.images``."""
+    def losses(self, groups: StepGroups, captions: list[str], patches: torch.Tensor, first_text: torch.Tensor,
+               first_image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one step: ``captions`` / ``patches`` [I, n, D] / first-stage embeddings ``first_text``
+        [C, e] and ``first_image`` [I, e] are aligned with ``groups.captions`` / ``groups.images``."""
         r = self.reranker
-        o = self.opts
+        opts = self.opts
         dev = r.device
-        sim = (fs_text @ fs_image.t()).float()  # [C, I]
+        sim = (first_text @ first_image.t()).float()  # [C, I]
         pairs: dict[tuple[int, int], int] = {}
 
         def pid(c: int, i: int) -> int:
@@ -252,7 +250,7 @@ class EdjeTrainer(nn.Module):
         enc = r.tokenize(captions)
         logits = r(enc.input_ids[pc], enc.token_type_ids[pc], enc.attention_mask[pc], tokens[pi])
         score = logits.float()
-        if o.residual:
+        if opts.residual:
             score = score + self.alpha * sim[pc, pi].to(dev)
         out: dict[str, torch.Tensor] = {}
         t2i = score[torch.tensor(t2i_idx, device=dev)]
@@ -262,17 +260,17 @@ class EdjeTrainer(nn.Module):
             out["acc_t2i"] = (t2i.argmax(1) == 0).float().mean()
         anchor_c = torch.tensor([c for c, _ in groups.anchors], dtype=torch.long)
         anchor_i = torch.tensor([i for _, i in groups.anchors], dtype=torch.long)
-        if o.mlm_weight > 0 and r.mlm is not None:
-            n = max(1, int(round(o.mlm_fraction * len(anchor_c))))
+        if opts.mlm_weight > 0 and r.mlm is not None:
+            n = max(1, int(round(opts.mlm_fraction * len(anchor_c))))
             rows = anchor_c[:n]
             ids = enc.input_ids[rows].cpu()
             special = (enc.token_type_ids[rows].cpu() == 1) | (enc.attention_mask[rows].cpu() == 0)
             special |= (ids == 101) | (ids == 102)
-            masked, labels = mask_tokens(ids, special, 103, o.mlm_prob, generator)
+            masked, labels = mask_tokens(ids, special, 103, opts.mlm_prob, generator)
             hidden = r.encode(masked.to(dev), enc.token_type_ids[rows], enc.attention_mask[rows],
                               tokens[anchor_i[:n].to(dev)])
             out["mlm"] = mlm_loss(r.mlm(hidden), labels.to(dev))
-        if o.recovery_weight > 0:
+        if opts.recovery_weight > 0:
             t = r.tokenizer.backend
             texts = [captions[int(c)] for c in anchor_c]
             single = [e.ids[: e.type_ids.index(1) if 1 in e.type_ids else len(e.ids)]
@@ -282,12 +280,12 @@ class EdjeTrainer(nn.Module):
             mask = (torch.arange(width, device=dev).view(1, -1) < torch.tensor([len(s) for s in single],
                                                                               device=dev).view(-1, 1)).long()
             h = r.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-            out["recovery"] = text_recovery_loss(self.recover(h[:, 0].float()), fs_text[anchor_c].to(dev))
+            out["recovery"] = text_recovery_loss(self.recover(h[:, 0].float()), first_text[anchor_c].to(dev))
         return out
 
-    def adapter_warmup_losses(self, patches: torch.Tensor, fs_text: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapter_warmup_losses(self, patches: torch.Tensor, first_text: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image tokens alone through the joint encoder, mean-pooled and projected, matched contrastively to the
-        first-stage embedding of one caption per image (``fs_text`` [B, e]); teaches the adapter to write tokens
+        first-stage embedding of one caption per image (``first_text`` [B, e]); teaches the adapter to write tokens
         the text encoder can read before ITM starts."""
         r = self.reranker
         dev = r.device
@@ -298,25 +296,26 @@ class EdjeTrainer(nn.Module):
         types[:, 0] = 0
         hidden = r.encode(ids, types, torch.ones_like(ids), tokens)[:, 1:-1]
         emb = F.normalize(self.image_proj(hidden.float().mean(1)), dim=-1)
-        target = F.normalize(fs_text.to(dev).float(), dim=-1)
+        target = F.normalize(first_text.to(dev).float(), dim=-1)
         logits = max(self.alpha, 10.0) * emb @ target.t()
         labels = torch.arange(b, device=dev)
         loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
         return {"warmup_nce": loss, "warmup_acc": (logits.argmax(1) == labels).float().mean().detach()}
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        o = self.opts
+        """The weighted sum of the loss terms that training minimises."""
+        opts = self.opts
         if "warmup_nce" in parts:
             return parts["warmup_nce"]
         loss = parts["itm_t2i"] + parts["itm_i2t"]
         if "mlm" in parts:
-            loss = loss + o.mlm_weight * parts["mlm"]
+            loss = loss + opts.mlm_weight * parts["mlm"]
         if "recovery" in parts:
-            loss = loss + o.recovery_weight * parts["recovery"]
+            loss = loss + opts.recovery_weight * parts["recovery"]
         return loss
 
 
-def _param_groups(trainer: EdjeTrainer, o: EdjeTrainOptions) -> list[dict[str, Any]]:
+def _param_groups(trainer: EdjeTrainer, opts: EdjeTrainOptions) -> list[dict[str, Any]]:
     groups: dict[str, list[nn.Parameter]] = {"adapter": [], "head": [], "body": []}
     for name, p in trainer.named_parameters():
         if not p.requires_grad:
@@ -327,174 +326,143 @@ def _param_groups(trainer: EdjeTrainer, o: EdjeTrainOptions) -> list[dict[str, A
             groups["head"].append(p)
         else:
             groups["body"].append(p)
-    lrs = {"adapter": o.adapter_lr, "head": o.head_lr, "body": o.lr}
+    lrs = {"adapter": opts.adapter_lr, "head": opts.head_lr, "body": opts.lr}
     return [{"params": ps, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
 
 
-def train_edje(data: CaptionSet, patches_of: Any, fs_text: torch.Tensor, fs_image: torch.Tensor, alpha: float,
-               out: str | Path, opts: EdjeTrainOptions | None = None, *, device: str | None = None,
+def train_edje(data: CaptionSet, patches_of: Any, first_text: torch.Tensor, first_image: torch.Tensor,
+               alpha: float, out: str | Path, opts: EdjeTrainOptions | None = None, *, device: str | None = None,
                precision: str = "auto", resume: bool = False, progress: bool = True,
                reranker: FullJointReranker | None = None) -> dict[str, Any]:
     """Train the reranker on ``data`` (train split). ``patches_of(image_indices) -> [B, n, D]`` gives vision
-    tokens; ``fs_text`` [C, e] / ``fs_image`` [I, e] are first-stage embeddings of its captions / images.
+    tokens; ``first_text`` [C, e] / ``first_image`` [I, e] are first-stage embeddings of its captions / images.
 
     Checkpoints to ``out/reranker.ckpt`` every ``opts.checkpoint_every`` steps; ``resume`` continues it.
     Writes ``out/reranker.safetensors`` (trained weights only) and ``out/reranker.json``.
     """
-    o = opts or EdjeTrainOptions()
+    opts = opts or EdjeTrainOptions()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     bf16 = use_bf16(dev, precision)
-    seed_everything(o.seed)
+    seed_everything(opts.seed)
     if reranker is None:
-        reranker = initial_reranker(o, patches_of(list(range(min(32, len(data.images))))))
-    trainer = EdjeTrainer(reranker, fs_text.shape[1], alpha, o).to(dev)
-    run = _Run(trainer, torch.optim.AdamW(_param_groups(trainer, o), weight_decay=0.01), out / "reranker.ckpt")
-    if resume:
-        run.resume()
-    miner = NegativeMiner(data)
-    if o.mining == "global" and not isinstance(fs_text, torch.Tensor):  # lazily computed embeddings
-        fs_text = fs_text[list(range(len(data.captions)))]
-    bar = _progress_bar(progress, o.steps, run.step)
-    t0 = time.time()
-    while run.step < o.steps:
-        if o.time_limit_s is not None and time.time() - t0 > o.time_limit_s:
-            log.info("time limit reached at step %d; resume later with resume=True", run.step)
-            run.save()
-            break
-        parts = _train_step(run, miner, data, patches_of, fs_text, fs_image, o, dev, bf16)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in parts.items()})
-        if run.step % o.checkpoint_every == 0 or run.step == o.steps:
-            run.save()
-    if bar is not None:
-        bar.close()
-    return _write_result(out, reranker, o, alpha, run, time.time() - t0)
+        reranker = initial_reranker(opts, patches_of(list(range(min(32, len(data.images))))))
+    trainer = EdjeTrainer(reranker, first_text.shape[1], alpha, opts).to(dev)
+    optimizer = torch.optim.AdamW(_param_groups(trainer, opts), weight_decay=0.01)
+    if opts.mining == "global" and not isinstance(first_text, torch.Tensor):  # lazily computed embeddings
+        first_text = first_text[list(range(len(data.captions)))]
+    steps = EdjeSteps(trainer, optimizer, NegativeMiner(data), data, patches_of, first_text, first_image, dev)
+    stage = Stage("EDJE reranker", optimizer, opts.steps, steps.batch, steps.forward,
+                  lambda step: cosine_lr(step, opts.steps, opts.warmup), out / "reranker.ckpt",
+                  opts.checkpoint_every, steps.save_state, steps.load_state, device=dev, bf16=bf16, clip_norm=1.0,
+                  after_backward=steps.freeze_during_warmup,
+                  postfix=lambda parts: {k: f"{float(v.detach()):.3f}" for k, v in parts.items()},
+                  keep_history=True, time_limit_s=opts.time_limit_s)
+    done = TrainingLoop(stage, resume=resume, progress=progress).run()
+    return _write_result(out, reranker, opts, alpha, done)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch, random and numpy."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def initial_reranker(o: EdjeTrainOptions, sample_patches: torch.Tensor) -> FullJointReranker:
+def initial_reranker(opts: EdjeTrainOptions, sample_patches: torch.Tensor) -> FullJointReranker:
     """MiniLM-initialised reranker with its adapter queries set from a sample of patch tokens."""
-    reranker = FullJointReranker(minilm_full_joint_config(o.num_tokens, o.adapter_hidden,
-                                                          mlm_head=o.mlm_weight > 0, num_layers=o.num_layers))
+    reranker = FullJointReranker(minilm_full_joint_config(opts.num_tokens, opts.adapter_hidden,
+                                                          mlm_head=opts.mlm_weight > 0, num_layers=opts.num_layers))
     init_full_joint_from_minilm(reranker)
-    if o.adapter_init == "prototypes":
-        init_adapter_prototypes(reranker, sample_patches, o.seed)
+    if opts.adapter_init == "prototypes":
+        init_adapter_prototypes(reranker, sample_patches, opts.seed)
     else:
-        init_adapter_queries(reranker, sample_patches, o.seed)
-    if o.head_init_std > 0:
+        init_adapter_queries(reranker, sample_patches, opts.seed)
+    if opts.head_init_std > 0:
         with torch.no_grad():
-            reranker.head[1].weight.normal_(0.0, o.head_init_std)
+            reranker.head[1].weight.normal_(0.0, opts.head_init_std)
     return reranker
 
 
-class _Run:
-    """Trainer + optimizer + step count + loss history, and the checkpoint that resumes them."""
+@dataclass
+class EdjeBatch:
+    """One step's anchors and negatives, and whether it is an adapter warm-up step."""
 
-    _NOT_SAVED = ("reranker.bert.embeddings.word_embeddings.weight", "reranker.mlm.predictions.decoder.weight")
-
-    def __init__(self, trainer: EdjeTrainer, opt: torch.optim.Optimizer, path: Path) -> None:
-        self.trainer, self.opt, self.path = trainer, opt, path
-        self.step = 0
-        self.history: list[dict[str, float]] = []
-
-    def resume(self) -> None:
-        if not self.path.is_file():
-            return
-        state = ckpt.load_checkpoint(self.path)
-        _, unexpected = self.trainer.load_state_dict(state["model"], strict=False)
-        if unexpected:
-            raise ModelError(f"{self.path}: unexpected keys {unexpected}; it belongs to another configuration")
-        self.opt.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        ckpt.set_rng_state(state["rng"])
-        extra = state["extra"]
-        self.history = json.loads(extra.get("history", "[]")) if isinstance(extra, dict) else []
-        log.info("resumed reranker training at step %d", self.step)
-
-    def save(self) -> None:
-        sd = {k: v.detach().clone() for k, v in self.trainer.state_dict().items() if k not in self._NOT_SAVED}
-        ckpt.save_checkpoint(self.path, model=sd, optimizer=self.opt.state_dict(), step=self.step, epoch=0,
-                             extra={"history": json.dumps(self.history[-200:])})
+    step: int
+    groups: StepGroups
+    warming: bool
 
 
-def _progress_bar(progress: bool, total: int, initial: int):
-    if not progress:
-        return None
-    from tqdm import tqdm
+class EdjeSteps:
+    """The EDJE reranker's part of the training loop: batches, losses and the checkpointed trainer state."""
 
-    return tqdm(total=total, initial=initial, desc="EDJE reranker", unit="step")
+    NOT_SAVED = ("reranker.bert.embeddings.word_embeddings.weight", "reranker.mlm.predictions.decoder.weight")
 
+    def __init__(self, trainer: EdjeTrainer, optimizer: torch.optim.Optimizer, miner: NegativeMiner,
+                 data: CaptionSet, patches_of: Any, first_text: torch.Tensor, first_image: torch.Tensor,
+                 device: torch.device) -> None:
+        self.trainer, self.optimizer, self.miner, self.data = trainer, optimizer, miner, data
+        self.patches_of = patches_of
+        self.first_text, self.first_image, self.device = first_text, first_image, device
+        self.opts = trainer.opts
 
-def _step_groups(miner: NegativeMiner, data: CaptionSet, fs_text: torch.Tensor, fs_image: torch.Tensor,
-                 o: EdjeTrainOptions, step: int, warming: bool) -> StepGroups:
-    """This step's anchors (images + one caption each) and their hard negatives; a function of the step only."""
-    gstep = torch.Generator().manual_seed(o.seed * 100003 + step)
-    img = torch.randperm(len(data.images), generator=gstep)[: o.adapter_warmup_batch if warming else o.batch_size]
-    per_image = miner.per_image
-    caps = [per_image[int(i)][int(torch.randint(len(per_image[int(i)]), (1,), generator=gstep))] for i in img]
-    if warming:
-        return StepGroups(captions=caps, images=img.tolist())
-    g = torch.Generator().manual_seed(o.seed + 17 + step)
-    if o.mining == "global":
-        return miner.global_(img.tolist(), caps, fs_text, fs_image, o.negatives_t2i, o.negatives_i2t,
-                             o.negative_pool, g)
-    return miner.in_batch(img.tolist(), caps, fs_text[caps], fs_image[img], o.negatives_t2i, o.negatives_i2t,
-                          o.negative_pool, g)
-
-
-def _train_step(run: _Run, miner: NegativeMiner, data: CaptionSet, patches_of: Any, fs_text: torch.Tensor,
-                fs_image: torch.Tensor, o: EdjeTrainOptions, dev: torch.device, bf16: bool
-                ) -> dict[str, torch.Tensor]:
-    """One optimizer step (adapter warm-up steps train only the adapter and the image projection)."""
-    trainer, opt = run.trainer, run.opt
-    warming = run.step < o.adapter_warmup_steps
-    groups = _step_groups(miner, data, fs_text, fs_image, o, run.step, warming)
-    mult = cosine_lr(run.step, o.steps, o.warmup)
-    for group in opt.param_groups:
-        group["lr"] = group["base_lr"] * mult
-    trainer.train()
-    with autocast(dev, bf16):
-        patches = patches_of(groups.images).float()
+    def batch(self, step: int) -> EdjeBatch:
+        """This step's anchors (images + one caption each) and their hard negatives; a function of the step only."""
+        opts, miner, data = self.opts, self.miner, self.data
+        warming = step < opts.adapter_warmup_steps
+        step_generator = torch.Generator().manual_seed(opts.seed * 100003 + step)
+        size = opts.adapter_warmup_batch if warming else opts.batch_size
+        img = torch.randperm(len(data.images), generator=step_generator)[:size]
+        per_image = miner.per_image
+        caps = [per_image[int(i)][int(torch.randint(len(per_image[int(i)]), (1,), generator=step_generator))]
+                for i in img]
         if warming:
-            parts = trainer.adapter_warmup_losses(patches, fs_text[groups.captions])
+            return EdjeBatch(step, StepGroups(captions=caps, images=img.tolist()), True)
+        negatives_generator = torch.Generator().manual_seed(opts.seed + 17 + step)
+        if opts.mining == "global":
+            groups = miner.global_pool(img.tolist(), caps, self.first_text, self.first_image, opts.negatives_t2i,
+                                   opts.negatives_i2t, opts.negative_pool, negatives_generator)
         else:
-            g = torch.Generator().manual_seed(o.seed + 31 + run.step)
-            parts = trainer.losses(groups, [data.captions[c] for c in groups.captions], patches,
-                                   fs_text[groups.captions].to(dev), fs_image[groups.images].to(dev), generator=g)
-        loss = trainer.total(parts)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if warming:
+            groups = miner.in_batch(img.tolist(), caps, self.first_text[caps], self.first_image[img],
+                                    opts.negatives_t2i, opts.negatives_i2t, opts.negative_pool, negatives_generator)
+        return EdjeBatch(step, groups, False)
+
+    def forward(self, batch: EdjeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss terms (adapter warm-up steps: the warm-up contrastive loss only)."""
+        trainer, groups = self.trainer, batch.groups
+        trainer.train()
+        patches = self.patches_of(groups.images).float()
+        if batch.warming:
+            parts = trainer.adapter_warmup_losses(patches, self.first_text[groups.captions])
+        else:
+            mask_generator = torch.Generator().manual_seed(self.opts.seed + 31 + batch.step)
+            parts = trainer.losses(groups, [self.data.captions[c] for c in groups.captions], patches,
+                                   self.first_text[groups.captions].to(self.device),
+                                   self.first_image[groups.images].to(self.device), generator=mask_generator)
+        return trainer.total(parts), parts
+
+    def freeze_during_warmup(self, step: int) -> None:
+        """Warm-up steps train only the adapter and the image projection: drop the other gradients."""
+        if step >= self.opts.adapter_warmup_steps:
+            return
+        trainer = self.trainer
         keep = {id(trainer.image_proj.weight), id(trainer.image_proj.bias)}
-        for grp in opt.param_groups:
-            for p in grp["params"]:
-                if grp["name"] == "body" or (grp["name"] == "head" and id(p) not in keep):
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if group["name"] == "body" or (group["name"] == "head" and id(p) not in keep):
                     p.grad = None
-    torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
-    opt.step()
-    run.step += 1
-    run.history.append({k: round(float(v.detach()), 4) for k, v in parts.items()} | {"step": run.step})
-    return parts
+
+    def save_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.trainer.state_dict().items() if k not in self.NOT_SAVED}
+
+    def load_state(self, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        _, unexpected = self.trainer.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ModelError(f"reranker checkpoint: unexpected keys {unexpected}; it belongs to another "
+                             "configuration")
 
 
-def _write_result(out: Path, reranker: FullJointReranker, o: EdjeTrainOptions, alpha: float, run: _Run,
-                  elapsed: float) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
+def _write_result(out: Path, reranker: FullJointReranker, opts: EdjeTrainOptions, alpha: float, done: Progress
+                  ) -> dict[str, Any]:
     save_file({k: v.contiguous() for k, v in reranker.trainable_state().items()}, str(out / WEIGHTS))
-    config = {"options": asdict(o), "alpha": alpha, "steps": run.step, "finished": run.step >= o.steps,
-              "train_seconds_this_run": round(elapsed, 1),
-              "reranker": minilm_full_joint_config(o.num_tokens, o.adapter_hidden,
-                                                   num_layers=o.num_layers).to_dict(),
-              "last_losses": run.history[-20:]}
+    config = {"options": asdict(opts), "alpha": alpha, "steps": done.step, "finished": done.step >= opts.steps,
+              "train_seconds_this_run": round(done.seconds, 1),
+              "reranker": minilm_full_joint_config(opts.num_tokens, opts.adapter_hidden,
+                                                   num_layers=opts.num_layers).to_dict(),
+              "last_losses": done.history[-20:]}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config

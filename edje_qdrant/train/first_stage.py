@@ -5,20 +5,20 @@ import json
 import logging
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from edje_qdrant.errors import InputError
 from edje_qdrant.models import dinov2, minilm
-from edje_qdrant.train import checkpoint as ckpt
 from edje_qdrant.train.common import (autocast, cosine_lr, default_cache_folder, pick_device, recall_at_k,
-                                      use_bf16)
+                                      seed_everything, use_bf16)
 from edje_qdrant.train.data import CaptionSet, caption_set, read_captions
+from edje_qdrant.train.loop import Stage, TrainingLoop
 from edje_qdrant.train.losses import clip_loss
 from edje_qdrant.train.token_cache import TokenCache, build_token_cache
 
@@ -49,7 +49,8 @@ class FirstStage(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
 
 
-def _global_features(cache: TokenCache, folder: Path) -> tuple[list[str], torch.Tensor]:
+def global_features(cache: TokenCache, folder: Path) -> tuple[list[str], torch.Tensor]:
+    """Every cached image's name and global feature [N, 768], memoised in ``folder/global.npy``."""
     path = folder / "global.npy"
     if path.is_file():
         feats = np.load(path)
@@ -65,15 +66,14 @@ def prepare_cache(captions: str | Path, images: str | Path, cache: str | Path | 
     rows = read_captions(captions)
     names = sorted({r["image"] for r in rows})
     folder = Path(cache) if cache else default_cache_folder(images)
-    tc: TokenCache | None = None
     try:
-        tc = TokenCache(folder)
-        if any(n not in tc.index for n in names):
+        token_cache = TokenCache(folder)
+        if any(n not in token_cache.index for n in names):
             raise InputError("stale")
     except InputError:
-        tc = build_token_cache(images, names, folder, device=str(device), bf16=use_bf16(device),
-                               progress=progress)
-    return rows, tc, folder
+        token_cache = build_token_cache(images, names, folder, device=str(device), bf16=use_bf16(device),
+                                        progress=progress)
+    return rows, token_cache, folder
 
 
 @torch.no_grad()
@@ -104,34 +104,30 @@ def train_first_stage(captions: str | Path, images: str | Path, out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     bf16 = use_bf16(dev, precision)
-    rows, tc, folder = prepare_cache(captions, images, cache, dev, progress)
-    names, feats = _global_features(tc, folder)
+    rows, token_cache, folder = prepare_cache(captions, images, cache, dev, progress)
+    names, feats = global_features(token_cache, folder)
     index = {n: i for i, n in enumerate(names)}
     train = caption_set(rows, "train")
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+    seed_everything(seed)
     model = FirstStage(clip_dim, train_layers).to(dev)
-    loop = _EpochLoop(model, _optimizer(model, lr, head_lr), train, feats[[index[n] for n in train.images]],
-                      batch_size, out / "first_stage.ckpt", checkpoint_every)
-    total = loop.steps_per_epoch * epochs if max_steps is None else min(max_steps, loop.steps_per_epoch * epochs)
-    if resume:
-        loop.resume()
-    t0 = time.time()
-    loop.run(epochs, total, seed, dev, bf16, progress)
-    config: dict[str, Any] = {"clip_dim": clip_dim, "train_layers": train_layers, "steps": loop.step,
+    batches = EpochBatches(train, batch_size, seed)
+    total = batches.steps_per_epoch * epochs if max_steps is None else min(max_steps,
+                                                                           batches.steps_per_epoch * epochs)
+    stage = first_stage_stage(model, _optimizer(model, lr, head_lr), batches,
+                              feats[[index[n] for n in train.images]], total, out / "first_stage.ckpt",
+                              checkpoint_every, dev, bf16)
+    done = TrainingLoop(stage, resume=resume, progress=progress).run()
+    config: dict[str, Any] = {"clip_dim": clip_dim, "train_layers": train_layers, "steps": done.step,
                               "batch_size": batch_size, "epochs": epochs, "lr": lr, "head_lr": head_lr,
                               "logit_scale": float(model.logit_scale.detach().exp()),
-                              "train_seconds": round(time.time() - t0, 1)}
+                              "train_seconds": round(done.seconds, 1)}
     if eval_split:
         try:
-            ev = caption_set(rows, eval_split)
+            held_back = caption_set(rows, eval_split)
             config["metrics_" + eval_split] = evaluate_first_stage(
-                model, ev, feats[[index[n] for n in ev.images]], dev, bf16)
+                model, held_back, feats[[index[n] for n in held_back.images]], dev, bf16)
         except InputError as exc:
             log.warning("no evaluation: %s", exc)
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in model.trainable_state().items()}, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config
@@ -145,70 +141,52 @@ def _optimizer(model: FirstStage, lr: float, head_lr: float) -> torch.optim.Opti
                               {"params": body, "lr": lr, "base_lr": lr}], weight_decay=0.01)
 
 
-class _EpochLoop:
-    """Epochs over the training images (one random caption each), with a checkpoint that resumes mid-epoch."""
+class EpochBatches:
+    """Epochs over the training images in a seeded order per epoch, one random caption each: a function of the
+    step (and Python's RNG for the caption), so a resumed run continues mid-epoch."""
 
-    def __init__(self, model: FirstStage, opt: torch.optim.Optimizer, train: CaptionSet,
-                 train_feats: torch.Tensor, batch_size: int, path: Path, checkpoint_every: int) -> None:
-        self.model, self.opt, self.train, self.feats = model, opt, train, train_feats
-        self.batch_size, self.path, self.checkpoint_every = batch_size, path, checkpoint_every
+    def __init__(self, train: CaptionSet, batch_size: int, seed: int) -> None:
+        self.train, self.batch_size, self.seed = train, batch_size, seed
         self.steps_per_epoch = len(train.images) // batch_size
         if self.steps_per_epoch == 0:
             raise InputError(f"batch size {batch_size} exceeds the {len(train.images)} training images")
         self.per_image: list[list[int]] = [[] for _ in train.images]
-        for ci, ii in enumerate(train.caption_image):
-            self.per_image[ii].append(ci)
-        self.step, self.start_epoch = 0, 0
+        for caption, image in enumerate(train.caption_image):
+            self.per_image[image].append(caption)
+        self._order: tuple[int, torch.Tensor] | None = None
 
-    def resume(self) -> None:
-        if not self.path.is_file():
-            return
-        state = ckpt.load_checkpoint(self.path)
-        self.model.load_state_dict(state["model"], strict=False)
-        self.opt.load_state_dict(state["optimizer"])
-        self.step, self.start_epoch = state["step"], state["epoch"]
-        ckpt.set_rng_state(state["rng"])
-        log.info("resumed first stage at step %d (epoch %d)", self.step, self.start_epoch)
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
 
-    def save(self, epoch: int) -> None:
-        ckpt.save_checkpoint(self.path, model=self.model.trainable_state(), optimizer=self.opt.state_dict(),
-                             step=self.step, epoch=epoch)
+    def __call__(self, step: int) -> tuple[list[int], list[str]]:
+        """(image rows, one caption of each) of training step ``step``."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train.images), generator=generator))
+        images = self._order[1][position * self.batch_size:(position + 1) * self.batch_size].tolist()
+        return images, [self.train.captions[random.choice(self.per_image[i])] for i in images]
 
-    def run(self, epochs: int, total: int, seed: int, dev: torch.device, bf16: bool, progress: bool) -> None:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=total, initial=self.step, desc="first stage", unit="step")
-        for epoch in range(self.start_epoch, epochs):
-            if self.step >= total:
-                break
-            order = torch.randperm(len(self.train.images), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            for b in range(max(0, self.step - epoch * self.steps_per_epoch), self.steps_per_epoch):
-                if self.step >= total:
-                    break
-                loss = self._step(order[b * self.batch_size:(b + 1) * self.batch_size].tolist(), total, dev, bf16)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", scale=f"{self.model.logit_scale.exp().item():.1f}")
-                if self.step % self.checkpoint_every == 0:
-                    self.save(epoch)
-            finished = self.step - epoch * self.steps_per_epoch >= self.steps_per_epoch
-            self.save(epoch + 1 if finished else epoch)
-        if bar is not None:
-            bar.close()
 
-    def _step(self, img_idx: list[int], total: int, dev: torch.device, bf16: bool) -> float:
-        self.model.train()
-        caps = [self.train.captions[random.choice(self.per_image[i])] for i in img_idx]
-        mult = cosine_lr(self.step, total, max(1, total // 20))
-        for group in self.opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
-        with autocast(dev, bf16):
-            img = self.model.image(self.feats[img_idx].to(dev))
-            txt = self.model.text.encode(caps)
-            loss = clip_loss(img.float(), txt.float(), self.model.logit_scale.clamp(max=math.log(100.0)))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.step += 1
-        return float(loss.item())
+def first_stage_stage(model: FirstStage, optimizer: torch.optim.Optimizer, batches: EpochBatches,
+                      train_feats: torch.Tensor, total: int, path: Path, checkpoint_every: int,
+                      device: torch.device, bf16: bool) -> Stage:
+    """The first stage for the training loop: symmetric InfoNCE over (image, caption) batches, cosine schedule."""
+
+    def forward(batch: tuple[list[int], list[str]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, captions = batch
+        model.train()
+        img = model.image(train_feats[images].to(device))
+        txt = model.text.encode(captions)
+        loss = clip_loss(img.float(), txt.float(), model.logit_scale.clamp(max=math.log(100.0)))
+        return loss, {"loss": loss}
+
+    def load_state(state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        model.load_state_dict(state, strict=False)
+
+    return Stage("first stage", optimizer, total, batches, forward,
+                 lambda step: cosine_lr(step, total, max(1, total // 20)), path, checkpoint_every,
+                 model.trainable_state, load_state, device=device, bf16=bf16,
+                 postfix=lambda parts: {"loss": f"{float(parts['loss']):.3f}",
+                                        "scale": f"{model.logit_scale.exp().item():.1f}"},
+                 steps_per_epoch=batches.steps_per_epoch, epoch_of=batches.epoch_of)

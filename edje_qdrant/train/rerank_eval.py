@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from edje_qdrant.metrics import recalls
+from edje_qdrant.train.text_states import TextStates
 
 @torch.no_grad()
 def _joint(model: Any, states: Any, cap_idx: torch.Tensor, comp: torch.Tensor, img_idx: torch.Tensor
@@ -36,8 +37,6 @@ def rerank_recall(model: Any, captions: Any, sim: torch.Tensor, pos: torch.Tenso
     """R@1/5/10 first stage vs re-ranked, both directions; ``pos`` [C] = column of each caption's image,
     ``comp`` [I, m, d] the images' compressed tokens, ``captions`` texts or their ``TextStates``. Returns
     ``summary`` and per-query ranks."""
-    from edje_qdrant.models.split_joint import TextStates
-
     c, i = sim.shape
     k = min(k, i)
     states = captions if isinstance(captions, TextStates) else TextStates(model, captions)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,17 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from edje_qdrant.errors import InputError
-from edje_qdrant.models.split_joint import SplitJointReranker, SplitJointConfig, TextStates, pool_patches
-from edje_qdrant.train import checkpoint as ckpt
+from edje_qdrant.models.split_joint import SplitJointConfig, SplitJointReranker, pool_patches
 from edje_qdrant.train.attribute_mining import AttributeIndex, mined_candidates
 from edje_qdrant.train.binding_lists import BindingSampler, CounterfeitSet, extend_tables, training_counterfeits
 from edje_qdrant.train.counterfeit import CaptionStats
-from edje_qdrant.train.common import autocast, cosine_lr
+from edje_qdrant.train.common import autocast, cosine_lr, seed_everything
 from edje_qdrant.train.crossfit import HeldOutScores, heldout_text_embeddings
 from edje_qdrant.train.data import CaptionSet
-from edje_qdrant.train.token_cache import TokenCache, view_folder
+from edje_qdrant.train.loop import Evaluation, Stage, TrainingLoop
+from edje_qdrant.train.rerank_eval import rerank_recall
+from edje_qdrant.train.split_init import init_adapter_from_first_stage, init_joint_from_minilm
+from edje_qdrant.train.text_states import TextStates
+from edje_qdrant.train.token_cache import TokenCache, colour_cache, view_folder
 from edje_qdrant.train.views import VIEWS, recolourable, view_caption
 
 log = logging.getLogger(__name__)
@@ -109,8 +112,6 @@ def load_patch_tokens(root: str | Path, names: list[str], view: str, layers: lis
                       chunk: int = 256, colour_from: str | Path | None = None) -> torch.Tensor:
     """Pooled patch tokens (CLS dropped) of ``names`` for one view, layers concatenated: fp16 [N, P, 384 x L];
     with ``colour_from`` (the images folder) the pooled colour features are appended (+14)."""
-    from edje_qdrant.train.token_cache import colour_cache
-
     # the recoloured view has the original's DINOv2 tokens (trained to ignore colour) and its own colour features
     caches = [TokenCache(view_folder(root, "orig" if view == "recolour" else view, k)) for k in layers]
     colour = None
@@ -144,7 +145,7 @@ class GroupSampler:
 
     def __init__(self, data: CaptionSet, held: HeldOutScores, train_images: torch.Tensor, opts: SplitTrainOptions,
                  attribute_index: AttributeIndex | None = None) -> None:
-        self.data, self.held, self.o = data, held, opts
+        self.data, self.held, self.opts = data, held, opts
         self.cap_img = torch.tensor(data.caption_image)
         img_ok = torch.zeros(len(data.images), dtype=torch.bool)
         img_ok[train_images] = True
@@ -182,7 +183,7 @@ class GroupSampler:
         self.own_captions = [own[r].nonzero().flatten() for r in range(len(self.images))]
 
     def _draw(self, pool: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        k = self.o.candidates - 1
+        k = self.opts.candidates - 1
         pick = torch.rand(pool.shape, generator=g).argsort(dim=1)[:, :k]
         return pool.gather(1, pick)
 
@@ -202,7 +203,7 @@ class GroupSampler:
             pool = mined[r][mined[r] >= 0]
             if not len(pool):
                 continue
-            pick = pool[torch.randperm(len(pool), generator=g)[: self.o.mined]].tolist()
+            pick = pool[torch.randperm(len(pool), generator=g)[: self.opts.mined]].tolist()
             rest = [x for x in hard[r].tolist() if x not in pick]
             out[r] = torch.tensor((pick + rest)[: hard.shape[1]])
         return out
@@ -221,7 +222,7 @@ class SplitTrainer:
                  held: HeldOutScores, opts: SplitTrainOptions, device: torch.device, bf16: bool,
                  memo_dir: str | Path | None = None, n_captions: int | None = None) -> None:
         """``data`` may end with counterfeit captions: the first ``n_captions`` (default all) are true ones."""
-        self.model, self.data, self.tokens, self.held, self.o = model, data, tokens, held, opts
+        self.model, self.data, self.tokens, self.held, self.opts = model, data, tokens, held, opts
         self.device, self.bf16 = device, bf16
         self.cap_img = torch.tensor(data.caption_image)
         # text-state cache rows: every caption, then per view the rewritten text of each caption it changes
@@ -249,15 +250,15 @@ class SplitTrainer:
         self.log_gain = torch.zeros((), device=device, requires_grad=True) if opts.learn_fusion else None
         log.info("text states of %d texts (%d captions) in %.0f s", len(texts), len(data.captions), time.time() - t0)
 
-    def _image_tokens(self, images: torch.Tensor, views: list[str], train: bool) -> torch.Tensor:
+    def image_tokens(self, images: torch.Tensor, views: list[str], train: bool) -> torch.Tensor:
         """Adapter output for unique (image, view) pairs [U, m', d] (m' < m with token dropout)."""
         patches = torch.empty((len(views),) + tuple(self.tokens[views[0]].shape[1:]), dtype=torch.float32)
         for v in set(views):
             rows = torch.tensor([n for n, w in enumerate(views) if w == v])
             patches[rows] = self.tokens[v][images[rows]].float()
         tokens = self.model.adapter(patches.to(self.device))
-        if train and self.o.token_dropout > 0:  # drop a random subset of each image's tokens (as keys)
-            keep = max(1, int(round(tokens.shape[1] * (1 - self.o.token_dropout))))
+        if train and self.opts.token_dropout > 0:  # drop a random subset of each image's tokens (as keys)
+            keep = max(1, int(round(tokens.shape[1] * (1 - self.opts.token_dropout))))
             idx = torch.rand(tokens.shape[:2]).argsort(dim=1)[:, :keep].to(self.device)
             tokens = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return tokens
@@ -268,14 +269,14 @@ class SplitTrainer:
         key = [(int(i), v) for i, v in zip(pairs_img.tolist(), views)]
         uniq = sorted(set(key))
         slot = {k: n for n, k in enumerate(uniq)}
-        tok = self._image_tokens(torch.tensor([k[0] for k in uniq]), [k[1] for k in uniq], train)
+        tok = self.image_tokens(torch.tensor([k[0] for k in uniq]), [k[1] for k in uniq], train)
         tok = tok[torch.tensor([slot[k] for k in key], device=self.device)]
         text, mask = self.text_states.batch(text_ids, self.device)
         return self.model.pair_logits(text[pairs_txt], mask[pairs_txt], tok)
 
     def draw_view(self, image: int, g: torch.Generator) -> str:
         """A random view of ``image`` among the options' views (``recolour`` only where its captions follow)."""
-        view = self.o.views[int(torch.randint(len(self.o.views), (1,), generator=g))]
+        view = self.opts.views[int(torch.randint(len(self.opts.views), (1,), generator=g))]
         return "orig" if view == "recolour" and image not in self.recolour_ok else view
 
     def text_row(self, caption: int, view: str) -> int:
@@ -293,9 +294,9 @@ class SplitTrainer:
         when given, image-centric binding lists (true caption vs its counterfeits and hard captions)."""
         caps, cand_img = t2i
         b, k = cand_img.shape
-        image_sets = [("i2t", i2t[0], i2t[1], self.o.i2t_weight)]
+        image_sets = [("i2t", i2t[0], i2t[1], self.opts.i2t_weight)]
         if binding is not None:
-            image_sets.append(("binding", binding[0], binding[1], self.o.binding_weight))
+            image_sets.append(("binding", binding[0], binding[1], self.opts.binding_weight))
         # one view per image of the step; its captions are rewritten to match (views.py)
         all_imgs = torch.cat([cand_img.flatten()] + [imgs for _, imgs, _, _ in image_sets])
         view_of = {i: self.draw_view(i, g) for i in set(all_imgs.tolist())}
@@ -343,28 +344,28 @@ class SplitTrainer:
 def late_loss(trainer: "SplitTrainer", sampler: GroupSampler, g: torch.Generator) -> dict[str, torch.Tensor]:
     """In-batch contrastive step on the late-interaction term: images of one fold, one own caption each; the
     score is the fold model's first-stage logit + the late term, cross-entropy both ways."""
-    o, held = trainer.o, trainer.held
+    opts, held = trainer.opts, trainer.held
     folds = held.image_fold[sampler.images]
     fold = int(folds[torch.randint(len(folds), (1,), generator=g)])
     pool = sampler.images[folds == fold]
-    imgs = pool[torch.randperm(len(pool), generator=g)[: o.late_batch]]
+    imgs = pool[torch.randperm(len(pool), generator=g)[: opts.late_batch]]
     rows = {int(i): r for r, i in enumerate(sampler.images.tolist())}
     caps = torch.stack([sampler.own_captions[rows[int(i)]][torch.randint(len(sampler.own_captions[rows[int(i)]]),
                                                                           (1,), generator=g)] for i in imgs]).flatten()
     views = [trainer.draw_view(int(i), g) for i in imgs]
     text_ids = [trainer.text_row(int(c), v) for c, v in zip(caps, views)]
     with autocast(trainer.device, trainer.bf16):
-        tok = trainer._image_tokens(imgs, views, train=True)
+        tok = trainer.image_tokens(imgs, views, train=True)
     text, mask = trainer.text_states.batch(text_ids, trainer.device)
     late = trainer.model.late_scores(text, mask, tok)  # [B, B]
     first = held.scale[fold] * held.caption_emb[caps] @ held.image_emb[imgs].t()
-    s_ = first.to(trainer.device) + late
+    scores = first.to(trainer.device) + late
     target = torch.arange(len(imgs), device=trainer.device)
-    loss = 0.5 * (F.cross_entropy(s_, target) + F.cross_entropy(s_.t(), target))
-    return {"total": loss, "acc_t2i": (s_.argmax(1) == target).float().mean()}
+    loss = 0.5 * (F.cross_entropy(scores, target) + F.cross_entropy(scores.t(), target))
+    return {"total": loss, "acc_t2i": (scores.argmax(1) == target).float().mean()}
 
 
-def param_groups(model: SplitJointReranker, o: SplitTrainOptions) -> list[dict[str, Any]]:
+def param_groups(model: SplitJointReranker, opts: SplitTrainOptions) -> list[dict[str, Any]]:
     groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "head": [], "joint": [], "late": [],
                                                    "evidence": []}
     for name, p in model.named_parameters():
@@ -372,8 +373,9 @@ def param_groups(model: SplitJointReranker, o: SplitTrainOptions) -> list[dict[s
             continue
         top = name.split(".")[0]
         groups["late" if top.startswith("late_") else top if top in groups else "joint"].append(p)
-    lrs = {"adapter": o.adapter_lr, "head": o.head_lr, "joint": o.lr, "late": o.late_lr, "evidence": o.evidence_lr}
-    return [{"params": ps, "lr": lrs[n], "base_lr": lrs[n], "weight_decay": o.weight_decay}
+    lrs = {"adapter": opts.adapter_lr, "head": opts.head_lr, "joint": opts.lr, "late": opts.late_lr,
+           "evidence": opts.evidence_lr}
+    return [{"params": ps, "lr": lrs[n], "base_lr": lrs[n], "weight_decay": opts.weight_decay}
             for n, ps in groups.items() if ps]
 
 
@@ -397,15 +399,9 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
     """Train on ``data`` (train split), early-stopped on held-back training images; writes ``out/WEIGHTS``
     (the best step by validation R@1, plus binding accuracy when counterfeits are on) and ``out/CONFIG``.
     ``crossfit_dir`` (the fold models) embeds counterfeit captions. Returns the config with the val curve."""
-    from safetensors.torch import save_file
-
-    from edje_qdrant.train.rerank_eval import rerank_recall
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(opts.seed)
-    random.seed(opts.seed)
-    np.random.seed(opts.seed)
+    seed_everything(opts.seed)
     colour = images_dir if opts.colour else None
     if opts.colour and images_dir is None:
         raise InputError("colour=True needs the images folder (images_dir) to compute colour features")
@@ -415,108 +411,146 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
     attribute_index = AttributeIndex(data.captions, data.caption_image, CaptionStats(data.captions)) \
         if opts.mined else None
     sampler = GroupSampler(data, held, train_imgs, opts, attribute_index)
-    text_data, text_held, binder, checks = data, held, None, None
-    if opts.counterfeits:
-        if crossfit_dir is None:
-            raise InputError("counterfeits need the cross-fitted first stages (crossfit_dir) to embed them")
-        fakes = training_counterfeits(data, held.image_fold, opts.seed)
-        fold_of_fake = held.image_fold[torch.tensor([data.caption_image[c] for c in fakes.source], dtype=torch.long)]
-        emb = heldout_text_embeddings(crossfit_dir, fakes.texts, fold_of_fake, device, bf16)
-        text_data, text_held = extend_tables(data, held, fakes, emb)
-        binder = BindingSampler(fakes, len(data.captions), data.caption_image, train_imgs, sampler.i2t,
-                                opts.counterfeits, opts.candidates)
-        checks = _val_binding_pairs(fakes, len(data.captions), data.caption_image, val_imgs)
-        log.info("binding lists: %d counterfeits of %d training captions; %d val pairs", len(fakes.texts),
-                 len(binder), len(checks[0]))
-    model = SplitJointReranker(opts.model_config()).to(device)
-    model.init_joint_from_minilm()
-    if opts.adapter_init == "first_stage":
-        if first_stage_heads is None:
-            raise InputError("adapter_init=first_stage needs the first stage's heads (image_head, text_proj)")
-        model.init_adapter_from_first_stage(*first_stage_heads)
-    trainer = SplitTrainer(model, text_data, tokens, text_held, opts, device, bf16, memo_dir=out.parent,
+    binding = binding_setup(data, held, sampler, train_imgs, val_imgs, opts, crossfit_dir, device, bf16)
+    model = new_split_model(opts, device, first_stage_heads)
+    trainer = SplitTrainer(model, binding.data, tokens, binding.held, opts, device, bf16, memo_dir=out.parent,
                            n_captions=len(data.captions))
     groups = param_groups(model, opts)
     if trainer.log_gain is not None:
         groups.append({"params": [trainer.log_gain], "lr": opts.head_lr, "base_lr": opts.head_lr,
                        "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups)
-    steps_per_epoch = len(sampler.captions) // opts.batch_captions
-    total = opts.late_steps + max(1, int(steps_per_epoch * opts.epochs))
-    val = _val_fn(trainer, tokens["orig"], val_imgs, rerank_recall, checks, len(data.captions))
-    step, best, best_state, best_step, curve = 0, -1.0, None, 0, []
-    ck = out / "split_reranker.ckpt"
-    if resume and ck.is_file():
-        state = ckpt.load_checkpoint(ck)
-        model.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        ckpt.set_rng_state(state["rng"])
-        extra = state.get("extra") if isinstance(state.get("extra"), dict) else {}
-        best = float(extra.get("best", -1.0))
-        if trainer.log_gain is not None and "log_gain" in extra:
-            with torch.no_grad():
-                trainer.log_gain.fill_(float(extra["log_gain"]))
-    base = val()
-    curve.append({"step": step, **base})
-    if best < 0:  # the starting point competes too: an update that never beats it is not kept
-        best, best_state = _val_score(base), (model.trainable_state(), float(trainer.fusion_gain()))
-    log.info("split reranker: %d steps, start val %s", total, base)
-    g = torch.Generator().manual_seed(opts.seed * 7919 + step)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, desc="split reranker", unit="step")
-    t0, pairs = time.time(), 0
-    while step < total:
-        epoch, b = divmod(max(0, step - opts.late_steps), steps_per_epoch)
-        order = torch.randperm(len(sampler.captions), generator=torch.Generator().manual_seed(opts.seed + epoch))
-        rows = order[b * opts.batch_captions:(b + 1) * opts.batch_captions]
-        irows = torch.randint(len(sampler.images), (opts.batch_images,), generator=g)
-        model.train()
-        model.text_bert.eval()
-        late_phase = step < opts.late_steps
-        phase_step, phase_total = (step, opts.late_steps) if late_phase else (step - opts.late_steps,
-                                                                               total - opts.late_steps)
-        mult = cosine_lr(phase_step, phase_total, max(1, phase_total // 20))
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
-        if late_phase:
-            parts = late_loss(trainer, sampler, g)
-        else:
-            binding = binder.groups(opts.binding_images, g) if binder is not None else None
-            parts = trainer.loss(sampler.t2i_groups(rows, g), sampler.i2t_groups(irows, g), g, binding)
-        opt.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
-        opt.step()
-        step += 1
-        if not late_phase:  # joint-encoder pairs (the in-batch late steps score B x B cheaply, not counted)
-            pairs += opts.candidates * (opts.batch_captions + opts.batch_images
-                                        + (opts.binding_images if binder is not None else 0))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['total'].item():.3f}", acc=f"{parts['acc_t2i'].item():.2f}")
-        if step % opts.eval_every == 0 or step == total:
-            v = val()
-            curve.append({"step": step, **v})
-            log.info("step %d val %s", step, v)
-            if _val_score(v) > best:
-                best, best_state, best_step = _val_score(v), (model.trainable_state(),
-                                                              float(trainer.fusion_gain())), step
-            ckpt.save_checkpoint(ck, model=model.trainable_state(), optimizer=opt.state_dict(), step=step,
-                                 epoch=epoch, extra={"best": best, "log_gain": float(trainer.fusion_gain().log())})
-    if bar is not None:
-        bar.close()
-    elapsed = time.time() - t0
-    state, gain = best_state if best_state is not None else (model.trainable_state(), float(trainer.fusion_gain()))
+    steps = SplitSteps(trainer, sampler, binding.sampler, opts)
+    evaluation = Evaluation(_val_fn(trainer, tokens["orig"], val_imgs, binding.checks, len(data.captions)),
+                            opts.eval_every, _val_score, steps.snapshot)
+    stage = Stage("split reranker", torch.optim.AdamW(groups), steps.total, steps.batch, steps.forward,
+                  steps.lr_scale, out / "split_reranker.ckpt", opts.eval_every, model.trainable_state,
+                  steps.load_state, clip_norm=1.0, epoch_of=steps.epoch_of, extra=steps.extra,
+                  postfix=lambda parts: {"loss": f"{parts['total'].item():.3f}",
+                                         "acc": f"{parts['acc_t2i'].item():.2f}"},
+                  evaluation=evaluation)  # bf16 off: the trainer autocasts the joint encoder itself
+    log.info("split reranker: %d steps", steps.total)
+    done = TrainingLoop(stage, resume=resume, progress=progress).run()
+    state, gain = done.best_state if done.best_state is not None else steps.snapshot()
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
-    config = {"reranker": opts.model_config().to_dict(), "options": asdict(opts), "steps": step,
-              "best_step": best_step, "fusion_gain": gain,
-              "train_seconds": round(elapsed, 1), "pairs_per_second": round(pairs / max(elapsed, 1e-9), 1),
-              "val_curve": curve}
+    config = {"reranker": opts.model_config().to_dict(), "options": asdict(opts), "steps": done.step,
+              "best_step": done.best_step, "fusion_gain": gain, "train_seconds": round(done.seconds, 1),
+              "pairs_per_second": round(steps.pairs / max(done.seconds, 1e-9), 1), "val_curve": done.curve}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return config
+
+
+def new_split_model(opts: SplitTrainOptions, device: torch.device,
+                    first_stage_heads: tuple[torch.Tensor, torch.Tensor] | None) -> SplitJointReranker:
+    """A split reranker of the options' shape: joint layers from MiniLM, the adapter optionally from the first
+    stage's heads (image_head, text_proj)."""
+    model = SplitJointReranker(opts.model_config()).to(device)
+    init_joint_from_minilm(model)
+    if opts.adapter_init == "first_stage":
+        if first_stage_heads is None:
+            raise InputError("adapter_init=first_stage needs the first stage's heads (image_head, text_proj)")
+        init_adapter_from_first_stage(model, *first_stage_heads)
+    return model
+
+
+@dataclass
+class BindingSetup:
+    """The caption table training reads (true captions, then counterfeits when on), their held-out scores, the
+    binding-list sampler and the held-back (true, counterfeit) pairs validation scores."""
+
+    data: CaptionSet
+    held: HeldOutScores
+    sampler: BindingSampler | None = None
+    checks: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
+
+
+def binding_setup(data: CaptionSet, held: HeldOutScores, sampler: GroupSampler, train_imgs: torch.Tensor,
+                  val_imgs: torch.Tensor, opts: SplitTrainOptions, crossfit_dir: str | Path | None,
+                  device: torch.device, bf16: bool) -> BindingSetup:
+    """Counterfeit captions of the training captions, embedded by the fold models (``crossfit_dir``), when
+    ``opts.counterfeits`` is on; else the captions as they are."""
+    if not opts.counterfeits:
+        return BindingSetup(data, held)
+    if crossfit_dir is None:
+        raise InputError("counterfeits need the cross-fitted first stages (crossfit_dir) to embed them")
+    fakes = training_counterfeits(data, held.image_fold, opts.seed)
+    fold_of_fake = held.image_fold[torch.tensor([data.caption_image[c] for c in fakes.source], dtype=torch.long)]
+    emb = heldout_text_embeddings(crossfit_dir, fakes.texts, fold_of_fake, device, bf16)
+    text_data, text_held = extend_tables(data, held, fakes, emb)
+    binder = BindingSampler(fakes, len(data.captions), data.caption_image, train_imgs, sampler.i2t,
+                            opts.counterfeits, opts.candidates)
+    checks = _val_binding_pairs(fakes, len(data.captions), data.caption_image, val_imgs)
+    log.info("binding lists: %d counterfeits of %d training captions; %d val pairs", len(fakes.texts),
+             len(binder), len(checks[0]))
+    return BindingSetup(text_data, text_held, binder, checks)
+
+
+@dataclass
+class SplitBatch:
+    """One step's caption rows (text->image groups) and image rows (image->text groups)."""
+
+    step: int
+    caption_rows: torch.Tensor
+    image_rows: torch.Tensor
+
+
+class SplitSteps:
+    """The split reranker's part of the training loop: the in-batch late-interaction steps first (``late_steps``),
+    then epochs over the training captions, each phase on its own cosine schedule."""
+
+    def __init__(self, trainer: SplitTrainer, sampler: GroupSampler, binder: BindingSampler | None,
+                 opts: SplitTrainOptions) -> None:
+        self.trainer, self.sampler, self.binder, self.opts = trainer, sampler, binder, opts
+        self.steps_per_epoch = len(sampler.captions) // opts.batch_captions
+        self.total = opts.late_steps + max(1, int(self.steps_per_epoch * opts.epochs))
+        self.generator: torch.Generator | None = None  # seeded at the first step this run takes
+        self.pairs = 0  # joint-encoder pairs scored (the in-batch late steps score B x B cheaply, not counted)
+
+    def batch(self, step: int) -> SplitBatch:
+        opts = self.opts
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(opts.seed * 7919 + step)
+        epoch, position = divmod(max(0, step - opts.late_steps), self.steps_per_epoch)
+        order = torch.randperm(len(self.sampler.captions), generator=torch.Generator().manual_seed(opts.seed + epoch))
+        rows = order[position * opts.batch_captions:(position + 1) * opts.batch_captions]
+        image_rows = torch.randint(len(self.sampler.images), (opts.batch_images,), generator=self.generator)
+        return SplitBatch(step, rows, image_rows)
+
+    def forward(self, batch: SplitBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        opts, trainer, sampler, generator = self.opts, self.trainer, self.sampler, self.generator
+        assert generator is not None
+        trainer.model.train()
+        trainer.model.text_bert.eval()
+        if batch.step < opts.late_steps:
+            parts = late_loss(trainer, sampler, generator)
+        else:
+            binding = self.binder.groups(opts.binding_images, generator) if self.binder is not None else None
+            parts = trainer.loss(sampler.t2i_groups(batch.caption_rows, generator),
+                                 sampler.i2t_groups(batch.image_rows, generator), generator, binding)
+            self.pairs += opts.candidates * (opts.batch_captions + opts.batch_images
+                                             + (opts.binding_images if self.binder is not None else 0))
+        return parts["total"], parts
+
+    def lr_scale(self, step: int) -> float:
+        late = self.opts.late_steps
+        phase_step, phase_total = (step, late) if step < late else (step - late, self.total - late)
+        return cosine_lr(phase_step, phase_total, max(1, phase_total // 20))
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch of the step just taken (``step`` steps done)."""
+        return max(0, step - 1 - self.opts.late_steps) // self.steps_per_epoch
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], float]:
+        """(trained weights, fusion gain) now."""
+        return self.trainer.model.trainable_state(), float(self.trainer.fusion_gain())
+
+    def extra(self) -> dict[str, Any]:
+        return {"log_gain": float(self.trainer.fusion_gain().log())}
+
+    def load_state(self, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        self.trainer.model.load_state_dict(state, strict=False)
+        if self.trainer.log_gain is not None and "log_gain" in extra:
+            with torch.no_grad():
+                self.trainer.log_gain.fill_(float(extra["log_gain"]))
 
 
 def _val_score(v: dict[str, float]) -> float:
@@ -534,7 +568,7 @@ def _val_binding_pairs(fakes: CounterfeitSet, n_captions: int, caption_image: li
             [r[2] for r in rows])
 
 
-def _val_fn(trainer: SplitTrainer, tokens: torch.Tensor, val_imgs: torch.Tensor, rerank_recall: Any,
+def _val_fn(trainer: SplitTrainer, tokens: torch.Tensor, val_imgs: torch.Tensor,
             binding_pairs: tuple[torch.Tensor, torch.Tensor, list[str]] | None, n_captions: int) -> Any:
     """Validation closure: R@1 of first stage vs re-ranked within the held-back images (rerank top 16, first
     stage x the fusion gain; the first ``n_captions`` captions are true ones), and with ``binding_pairs`` the

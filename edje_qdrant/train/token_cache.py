@@ -83,7 +83,7 @@ def build_token_cache(images_dir: str | Path, names: list[str], out: str | Path,
         backbone = dinov2.load_backbone(device)
         bar = None
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # cost: only runs that draw a bar load it
             bar = tqdm(total=len(names), initial=done, desc="DINOv2 tokens", unit="img")
         for start in range(done, len(names), batch_size):
             chunk = names[start:start + batch_size]
@@ -138,7 +138,7 @@ def build_view_caches(images_dir: str | Path, names: list[str], root: str | Path
             backbone = backbone or dinov2.load_backbone(device)
             bar = None
             if progress:
-                from tqdm import tqdm
+                from tqdm import tqdm  # cost: only runs that draw a bar load it
                 bar = tqdm(total=len(names), initial=done, desc=f"DINOv2 tokens ({view})", unit="img")
             for start in range(done, len(names), batch_size):
                 chunk = names[start:start + batch_size]
