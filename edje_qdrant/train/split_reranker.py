@@ -541,10 +541,10 @@ class SplitSteps:
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], float]:
         """(trained weights, fusion gain) now."""
-        return self.trainer.model.trainable_state(), float(self.trainer.fusion_gain())
+        return self.trainer.model.trainable_state(), float(self.trainer.fusion_gain().detach())
 
     def extra(self) -> dict[str, Any]:
-        return {"log_gain": float(self.trainer.fusion_gain().log())}
+        return {"log_gain": float(self.trainer.fusion_gain().detach().log())}
 
     def load_state(self, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         self.trainer.model.load_state_dict(state, strict=False)
@@ -588,7 +588,7 @@ def _val_fn(trainer: SplitTrainer, tokens: torch.Tensor, val_imgs: torch.Tensor,
 
     def run() -> dict[str, float]:
         model.eval()
-        gain = float(trainer.fusion_gain())
+        gain = float(trainer.fusion_gain().detach())
         with torch.inference_mode(), autocast(device, bf16):
             comp = model.adapter(val_tokens.to(device).float()).float()
             out = rerank_recall(model, captions, gain * sim, pos, comp, k=16)["summary"]
