@@ -69,3 +69,37 @@ def test_bundled_preset_loads_by_name():
     model = load_model(preset.NAME, device="cpu", precision="fp32")
     q = model.embed_query("a black dog jumps over a log")
     assert q.shape == (384,) and abs(float((q**2).sum()) - 1.0) < 1e-4
+
+
+def test_train_export_command_writes_what_export_model_writes(tmp_path):
+    """`edje-qdrant train export` is export_model behind a command line; a folder without a run is a clear error."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from edje_qdrant.cli.main import main
+    from edje_qdrant.train import export_model
+    from edje_qdrant.train.first_stage import CONFIG, WEIGHTS, FirstStage
+
+    torch.manual_seed(0)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in FirstStage(384, train_layers=1).trainable_state().items()},
+              str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps({"clip_dim": 384, "train_layers": 1, "logit_scale": 20.0}))
+    res = CliRunner().invoke(main, ["train", "export", "--out", str(out), "--to", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1]) == {"exported": str(tmp_path / "cli")}
+    direct = export_model("edje", out, tmp_path / "direct", out)
+    from safetensors.torch import load_file
+
+    got, want = load_file(str(tmp_path / "cli" / WEIGHTS_FILE)), load_file(str(direct / WEIGHTS_FILE))
+    assert got.keys() == want.keys() and any(k.startswith("text.") for k in got)
+    assert all(torch.equal(got[k], want[k]) for k in got if not k.startswith("reranker."))  # no reranker was
+    # trained in `out`, so each export draws its own stand-in reranker
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["train", "export", "--out", str(empty), "--to", str(tmp_path / "nothing")])
+    assert res.exit_code != 0 and str(empty) in res.output and "Traceback" not in res.output
+    assert "train first" in res.output and "--first-stage" in res.output  # says what to do
+    assert not (tmp_path / "nothing").exists()

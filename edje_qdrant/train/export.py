@@ -86,6 +86,10 @@ def _first_stage(source: Path) -> tuple[dict[str, Any], dict[str, dict[str, torc
         config = {"preset": NAME, "clip_dim": trained["clip_dim"], "text_train_layers": trained["train_layers"],
                   "reranker": {}, "fusion": {}, "first_stage": dict(trained)}  # reranker, fusion: set by the caller
         return config, first_stage_parts(source), float(trained["logit_scale"])
+    if not (source / model_dir.CONFIG_FILE).is_file():
+        raise ModelError(f"{source}: neither a first-stage training folder ({first_stage.CONFIG}) nor a model folder "
+                         f"({model_dir.CONFIG_FILE}); train one with `edje-qdrant train first --out {source}` or "
+                         f"pass --first-stage FOLDER")
     source_config = model_dir.read_config(source)
     source_file = model_dir.weights_file(source)
     if source_file is None:
