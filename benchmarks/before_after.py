@@ -4,11 +4,13 @@
         [--store DIR] [--show 3] [--scan 400] [--grid-dir DIR] [--json out.json]
 
 Ingests the dev photos (``evaluate.ingested_split``, the user path; ``--store`` keeps the store between runs) and
-sends ``--scan`` evenly spaced dev captions that name a colour or a person as text queries through ``Retriever.search``
-twice: ``rerank_k=0`` (first stage) and ``rerank_k=100`` (default). For the queries whose top 5 changes it counts
-how often the photo the caption was written for moves up or down (its rank within the 100 candidates), and prints
-the top 5 before and after of the first ``--show`` changed queries (in scan order, whichever way the true photo
-moved) whose true photo is in either top 5, marked with ``*``. ``--grid-dir`` also writes a PNG contact sheet per list. Exits 0 with a message without data.
+sends ``--scan`` evenly spaced dev captions that name a colour or a person as text queries through
+``Retriever.search`` with ``rerank_k=100`` (the default); the first-stage list is the same candidates in
+``first_stage_rank`` order. For the queries whose top 5 changes it counts how often the photo the caption was
+written for moves up or down (its rank within the 100 candidates), and prints the top 5 before and after of the
+first ``--show`` changed queries (in scan order, whichever way the true photo moved) whose true photo is in either
+top 5, marked with ``*``. ``--grid-dir`` also writes a PNG contact sheet per list. Exits 0 with a message without
+data.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ def rank_of(names: list[str], target: str) -> int | None:
 
 
 def compare(retriever, query: str, rerank_k: int) -> tuple[list, list]:
-    """The ``rerank_k`` candidates in first-stage order, and re-ranked."""
-    before = retriever.search(query, k=rerank_k, rerank_k=0)
+    """The ``rerank_k`` candidates in first-stage order, and re-ranked (one search: each result knows its
+    ``first_stage_rank``)."""
     after = retriever.search(query, k=rerank_k, rerank_k=rerank_k)
-    return before, after
+    return sorted(after, key=lambda r: r.first_stage_rank), after
 
 
 def run(data: Path, model: str, store: Path | None, show: int, scan: int, rerank_k: int,

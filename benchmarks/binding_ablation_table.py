@@ -44,9 +44,10 @@ def levers(row: dict, base: dict) -> str:
 
 
 def kept_step(row: dict) -> int:
-    """The step whose state was kept: the best of t2i_r1 + i2t_r1 + binding, the earliest on ties."""
-    curve = row["val_curve"]
-    return max(curve, key=lambda v: (v["t2i_r1"] + v["i2t_r1"] + v["binding"], -v["step"]))["step"]
+    """The step whose state training kept: the best ``val_score`` (the training rule), the earliest on ties."""
+    from edje_qdrant.train.split_reranker import val_score
+
+    return max(row["val_curve"], key=lambda v: (val_score(v), -v["step"]))["step"]
 
 
 def val_row(point: dict) -> str:

@@ -421,7 +421,7 @@ def train_split_reranker(data: CaptionSet, token_root: str | Path, names: list[s
                        "weight_decay": 0.0})
     steps = SplitSteps(trainer, sampler, binding.sampler, opts)
     evaluation = Evaluation(_val_fn(trainer, tokens["orig"], val_imgs, binding.checks, len(data.captions)),
-                            opts.eval_every, _val_score, steps.snapshot)
+                            opts.eval_every, val_score, steps.snapshot)
     stage = Stage("split reranker", torch.optim.AdamW(groups), steps.total, steps.batch, steps.forward,
                   steps.lr_scale, out / "split_reranker.ckpt", opts.eval_every, model.trainable_state,
                   steps.load_state, clip_norm=1.0, epoch_of=steps.epoch_of, extra=steps.extra,
@@ -553,7 +553,7 @@ class SplitSteps:
                 self.trainer.log_gain.fill_(float(extra["log_gain"]))
 
 
-def _val_score(v: dict[str, float]) -> float:
+def val_score(v: dict[str, float]) -> float:
     """What early stopping maximises: held-back R@1 both ways, plus mean binding accuracy when measured."""
     return v["t2i_r1"] + v["i2t_r1"] + v.get("binding", 0.0)
 
